@@ -1,0 +1,37 @@
+# Two commands for a new user: `make demo` runs a commission end to end on the embedded default,
+# `make test` runs the test suite (lint included). Each sets up .venv itself.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test lint lock ui-mlflow ui-prefect clean
+
+setup:
+	@./scripts/bootstrap.sh
+
+demo: setup
+	$(VENV)/bin/taas demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+lock:
+	$(VENV)/bin/uv pip compile requirements.in --find-links /opt/wheels --python-version 3.11 --no-header -o requirements.lock
+
+ui-mlflow: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///.taas/mlflow.db --port 5000
+
+ui-prefect: setup
+	PREFECT_HOME=$(CURDIR)/.taas/prefect $(VENV)/bin/prefect server start
+
+clean:
+	rm -rf .taas .cache

@@ -1,0 +1,126 @@
+"""The expert module format: a PEFT LoRA adapter on the MLP projections, router rows, a manifest.
+
+An expert folder (committed: see :mod:`infra.atomic`) holds
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: a PEFT LoRA adapter, loadable with
+  ``PeftModel.from_pretrained(base, folder)``; keys as PEFT saves them, for example
+  ``base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight``;
+- ``router.safetensors``: tensor ``router`` of shape [num_layers, hidden_size], one routing row per
+  MoE layer (see :mod:`factory.mixture`);
+- ``expert.json``: the :class:`ExpertManifest`.
+
+Weights are only ever read from safetensors. ``adapter_sha256`` is
+:func:`factory.hashing.tensors_sha256` over the adapter tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from factory.hashing import tensors_sha256
+from infra.atomic import atomic_write_json, committed_dir, verify_committed
+
+LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ROUTER_FILE = "router.safetensors"
+MANIFEST_FILE = "expert.json"
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])\.weight$")
+
+
+class ExpertManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expert_id: str
+    domain: str
+    version: int = Field(ge=0)
+    base_model: str
+    base_model_sha256: str
+    adapter_sha256: str
+    rank: int = Field(ge=1)
+    lora_alpha: float
+    target_modules: list[str]
+    num_layers: int = Field(ge=1)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class Expert:
+    manifest: ExpertManifest
+    adapter: dict[str, torch.Tensor]
+    adapter_config: dict[str, Any]
+    router: torch.Tensor  # [num_layers, hidden_size]
+    path: Path | None = None
+
+
+def lora_config_dict(rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> dict:
+    """The adapter_config.json content for a LoRA on the MLP projections (no dropout, no bias)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none"
+    )
+    data = config.to_dict()
+    data["target_modules"] = sorted(data["target_modules"])
+    return json.loads(json.dumps(data, default=str))
+
+
+def parse_adapter_key(key: str) -> tuple[int, str, str]:
+    """Returns (layer, projection, 'A' or 'B') for a PEFT LoRA key; ValueError otherwise."""
+    match = _KEY.match(key)
+    if not match:
+        raise ValueError(f"not a LoRA MLP key: {key}")
+    return int(match.group(1)), match.group(2), match.group(3)
+
+
+def adapter_key(layer: int, projection: str, part: str) -> str:
+    return f"base_model.model.model.layers.{layer}.mlp.{projection}.lora_{part}.weight"
+
+
+def read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    """Reads an adapter from safetensors (never pickle)."""
+    return load_file(str(path))
+
+
+def write_adapter_files(folder: Path, adapter: dict[str, torch.Tensor], config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
+
+
+def save_expert(folder: Path, expert: Expert, overwrite: bool = False) -> Path:
+    """Writes an expert as a committed folder; the manifest's adapter hash must match."""
+    actual = tensors_sha256(expert.adapter)
+    assert actual == expert.manifest.adapter_sha256, "manifest adapter_sha256 does not match"
+    with committed_dir(Path(folder), overwrite=overwrite) as tmp:
+        write_adapter_files(tmp, expert.adapter, expert.adapter_config)
+        save_file({"router": expert.router.detach().to("cpu").contiguous()}, str(tmp / ROUTER_FILE))
+        atomic_write_json(tmp / MANIFEST_FILE, expert.manifest.model_dump(mode="json"))
+    return Path(folder)
+
+
+def load_expert(folder: Path) -> Expert:
+    """Loads a committed expert folder and checks its adapter hash; ValueError when torn."""
+    folder = Path(folder)
+    if not verify_committed(folder):
+        raise ValueError(f"{folder}: not a committed expert folder (marker missing or mismatched)")
+    manifest = ExpertManifest.model_validate_json((folder / MANIFEST_FILE).read_text())
+    adapter = read_adapter(folder / ADAPTER_FILE)
+    if tensors_sha256(adapter) != manifest.adapter_sha256:
+        raise ValueError(f"{folder}: adapter sha256 does not match its manifest")
+    return Expert(
+        manifest=manifest,
+        adapter=adapter,
+        adapter_config=json.loads((folder / ADAPTER_CONFIG).read_text()),
+        router=load_file(str(folder / ROUTER_FILE))["router"],
+        path=folder,
+    )

@@ -1,0 +1,115 @@
+"""One typed settings object for every component that talks to the outside.
+
+Values come from environment variables prefixed ``TAAS_`` (for example ``TAAS_HOME``,
+``TAAS_MLFLOW_TRACKING_URI``) and from an optional YAML file named by ``TAAS_SETTINGS_FILE``.
+The embedded default needs no server: MLflow on SQLite with a local artifact folder, Prefect's
+ephemeral API, a local object store and a SQLite ledger, all under ``TAAS_HOME``. A team points
+the same code at ``mlflow server``, an S3 store and a Prefect server by settings alone.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by TAAS_SETTINGS_FILE, when set; environment variables win."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("TAAS_SETTINGS_FILE")
+        if not path:
+            return {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ValueError(f"TAAS_SETTINGS_FILE: no such file {path}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"TAAS_SETTINGS_FILE: {path} must hold a mapping of settings")
+        return data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TAAS_", extra="forbid", frozen=True)
+
+    home: Path = Field(default=Path(".taas"), description="root of every local store")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="default: sqlite:///<home>/mlflow.db; or http://host:5000"
+    )
+    mlflow_artifact_root: str | None = Field(
+        default=None, description="default: <home>/mlartifacts; or s3://bucket/prefix"
+    )
+    mlflow_experiment: str = "taas-factory"
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint")
+    object_store_url: str | None = Field(
+        default=None, description="default: <home>/objects; or s3://bucket/prefix"
+    )
+    database_url: str | None = Field(
+        default=None, description="commissions and ledger; default sqlite:///<home>/taas.db"
+    )
+    data_roots: list[Path] = Field(
+        default_factory=list, description="local folders data URIs may point into"
+    )
+    s3_bucket_allowlist: list[str] = Field(default_factory=list)
+    base_model_dir: Path | None = Field(
+        default=None, description="default: <home>/base/<name>; built on first use"
+    )
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    hostfile: Path | None = None
+    processes_per_line: int = Field(default=2, ge=1)
+    max_concurrent_lines: int = Field(default=1, ge=1)
+    torch_extensions_dir: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _absolute_home(self) -> Settings:
+        object.__setattr__(self, "home", self.home.expanduser().resolve())
+        return self
+
+    @cached_property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @cached_property
+    def artifact_root(self) -> str:
+        return self.mlflow_artifact_root or str(self.home / "mlartifacts")
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'taas.db'}"
+
+    @cached_property
+    def objects_url(self) -> str:
+        return self.object_store_url or str(self.home / "objects")
+
+    @cached_property
+    def extensions_dir(self) -> Path:
+        return self.torch_extensions_dir or self.home / "torch_extensions"
+
+    def ensure_home(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Reads the settings now (environment and file), with explicit overrides on top."""
+    return Settings(**overrides)

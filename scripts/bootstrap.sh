@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv with the locked dependency set and installs the project into it (editable).
+# Idempotent: a stamp holding the lock's sha256 skips the install when nothing changed.
+# torch is pinned to 2.13.0; where a folder of local wheels exists (TAAS_WHEELS, default
+# /opt/wheels) its CPU build is taken from there, so no CUDA build is ever pulled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=${TAAS_VENV:-.venv}
+stamp="$VENV/.taas-lock-sha256"
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[bootstrap] creating $VENV with the locked dependencies (about 30 s with uv)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "uv==0.13.9"
+links=()
+WHEELS=${TAAS_WHEELS:-/opt/wheels}
+[ -d "$WHEELS" ] && links=(--find-links "$WHEELS")
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${links[@]}" -r requirements.lock
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e .
+echo "$want" > "$stamp"
