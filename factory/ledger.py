@@ -57,8 +57,11 @@ class Ledger:
         with Session(self.engine) as session, session.begin():
             existing = session.get(Contributor, contributor_id)
             if existing is None:
-                session.add(Contributor(contributor_id=contributor_id,
-                                        public_key_b64=public_key_b64, kind=kind))
+                session.add(
+                    Contributor(
+                        contributor_id=contributor_id, public_key_b64=public_key_b64, kind=kind
+                    )
+                )
             elif existing.public_key_b64 != public_key_b64:
                 raise ValueError(f"contributor {contributor_id} is registered with another key")
 
@@ -84,11 +87,16 @@ class Ledger:
                     RewardShare.contributor_id == contributor_id,
                 )
                 if session.scalars(stmt).first() is None:
-                    session.add(RewardShare(
-                        expert_id=expert_id, cycle_key=cycle_key, expert_version=expert_version,
-                        contributor_id=contributor_id, share=str(share),
-                        score=float(scores.get(contributor_id, 0.0)),
-                    ))
+                    session.add(
+                        RewardShare(
+                            expert_id=expert_id,
+                            cycle_key=cycle_key,
+                            expert_version=expert_version,
+                            contributor_id=contributor_id,
+                            share=str(share),
+                            score=float(scores.get(contributor_id, 0.0)),
+                        )
+                    )
 
     def shares_for(self, expert_id: str) -> list[RewardShare]:
         with Session(self.engine) as session:
