@@ -3,6 +3,8 @@
 - ``general_text``: English prose from the docstrings of the Python standard library (modules,
   classes and functions of a fixed module list, in a fixed order). It pretrains the embedded base
   model and serves as the "general" replay / regression set.
+- ``general_heldout_text``: the same kind of prose from other standard-library modules, never seen
+  in pretraining: the general-text regression set (WiSE-FT budget, replay, benchmarks).
 - ``licence_texts``: the licence files that installed packages ship in their ``*.dist-info``
   folders, the legal domain of the demo commission.
 """
@@ -32,12 +34,33 @@ def _clean(doc: str) -> str:
     return doc.strip()
 
 
+HELDOUT_MODULES = (
+    "array binascii bz2 cmd code codecs colorsys compileall concurrent.futures configparser "
+    "contextvars copyreg dbm dis doctest email.message email.policy filecmp fileinput fnmatch "
+    "ftplib getopt getpass gettext graphlib http.cookiejar http.server keyword linecache locale "
+    "lzma modulefinder netrc pkgutil platform plistlib poplib pstats py_compile pyclbr quopri "
+    "reprlib rlcompleter runpy selectors smtplib socketserver stat stringprep symtable sysconfig "
+    "tabnanny tomllib tracemalloc turtle unittest.mock urllib.robotparser wave webbrowser "
+    "wsgiref.simple_server xml.sax zipapp zipimport zoneinfo"
+).split()
+
+
 def general_text(max_chars: int | None = None) -> list[str]:
     """Paragraphs (>= 80 chars) of standard-library docstrings, deterministic order."""
+    return _docstring_paragraphs(GENERAL_MODULES, max_chars)
+
+
+def general_heldout_text(max_chars: int | None = None) -> list[str]:
+    """General prose never used to pretrain the embedded base (other modules, same kind)."""
+    seen = set(general_text())
+    return [p for p in _docstring_paragraphs(HELDOUT_MODULES, max_chars) if p not in seen]
+
+
+def _docstring_paragraphs(modules: tuple[str, ...] | list[str], max_chars: int | None) -> list[str]:
     paragraphs: list[str] = []
     seen: set[str] = set()
     total = 0
-    for name in GENERAL_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - an optional stdlib module (tkinter) may be absent
@@ -59,6 +82,18 @@ def general_text(max_chars: int | None = None) -> list[str]:
                 if max_chars is not None and total >= max_chars:
                     return paragraphs
     return paragraphs
+
+
+def licence_paragraphs(min_chars: int = 40) -> list[str]:
+    """Unique whitespace-normalized paragraphs of the installed packages' licence files."""
+    paragraphs: dict[str, None] = {}
+    for path in licence_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for para in re.split(r"\n\s*\n", text):
+            para = " ".join(para.split())
+            if len(para) >= min_chars:
+                paragraphs.setdefault(para)
+    return list(paragraphs)
 
 
 def licence_files(roots: list[Path] | None = None) -> list[Path]:
