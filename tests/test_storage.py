@@ -1,0 +1,168 @@
+"""Object storage against a local folder and a real loopback S3 endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import free_port
+
+from infra.storage import (
+    BucketNotFound,
+    ChecksumMismatch,
+    LocalStore,
+    ObjectNotFound,
+    S3Store,
+    StorageAccessDenied,
+    StorageUnavailable,
+    open_store,
+)
+
+PAYLOAD = b"alpha\nbeta\ngamma\n" * 100
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def _bucket(endpoint: str, name: str) -> None:
+    client = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+@pytest.fixture
+def s3_store(s3_endpoint):
+    _bucket(s3_endpoint, "store-test")
+    return open_store("s3://store-test/run", endpoint_url=s3_endpoint)
+
+
+def _roundtrip(store, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(PAYLOAD)
+    info = store.put_file("inbox/a.bin", src)
+    assert (info.key, info.size, info.sha256) == ("inbox/a.bin", len(PAYLOAD), PAYLOAD_SHA)
+    store.put_bytes("inbox/b.bin", b"xyz")
+    store.put_bytes("other/c.bin", b"123456")
+    dest = store.get_file("inbox/a.bin", tmp_path / "out" / "a.bin")
+    assert dest.read_bytes() == PAYLOAD
+    assert store.get_bytes("inbox/b.bin") == b"xyz"
+    listed = store.list("inbox/")
+    assert [(i.key, i.size) for i in listed] == [("inbox/a.bin", 1700), ("inbox/b.bin", 3)]
+    assert store.exists("other/c.bin") and not store.exists("other/none.bin")
+    store.delete("other/c.bin")
+    assert not store.exists("other/c.bin")
+    with pytest.raises(ObjectNotFound):
+        store.get_file("inbox/missing.bin", tmp_path / "m.bin")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("inbox/missing.bin")
+    assert not (tmp_path / "m.bin").exists()
+    assert not list((tmp_path).glob(".m.bin*"))
+
+
+def test_local_store_roundtrip_and_missing(tmp_path):
+    store = open_store(tmp_path / "objects")
+    assert isinstance(store, LocalStore)
+    _roundtrip(store, tmp_path)
+
+
+def test_local_store_detects_corruption(tmp_path):
+    store = open_store(tmp_path / "objects")
+    store.put_bytes("x/model.bin", PAYLOAD)
+    (tmp_path / "objects" / "x" / "model.bin").write_bytes(PAYLOAD[:-1] + b"!")
+    with pytest.raises(ChecksumMismatch):
+        store.get_file("x/model.bin", tmp_path / "dest.bin")
+    with pytest.raises(ChecksumMismatch):
+        store.get_bytes("x/model.bin")
+    assert not (tmp_path / "dest.bin").exists()
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a\\b", "a//b", "./a"])
+def test_bad_keys_are_refused(tmp_path, key):
+    with pytest.raises(ValueError):
+        open_store(tmp_path).put_bytes(key, b"1")
+
+
+def test_s3_roundtrip_and_missing(s3_store, tmp_path):
+    assert isinstance(s3_store, S3Store)
+    _roundtrip(s3_store, tmp_path)
+    assert s3_store.list("inbox/", with_sha256=True)[0].sha256 == PAYLOAD_SHA
+
+
+def test_s3_checksum_mismatch_is_refused(s3_endpoint, s3_store, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    client.put_object(
+        Bucket="store-test", Key="run/bad.bin", Body=PAYLOAD, Metadata={"sha256": wrong}
+    )
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        s3_store.get_file("bad.bin", tmp_path / "bad.bin")
+    with pytest.raises(ChecksumMismatch):
+        s3_store.get_bytes("bad.bin")
+    assert not (tmp_path / "bad.bin").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_s3_missing_bucket(s3_endpoint, tmp_path):
+    store = open_store("s3://no-such-bucket-here/x", endpoint_url=s3_endpoint)
+    with pytest.raises(BucketNotFound, match="no-such-bucket-here"):
+        store.get_file("a.bin", tmp_path / "a.bin")
+    with pytest.raises(BucketNotFound):
+        store.list()
+
+
+def test_s3_unreachable_endpoint(tmp_path):
+    store = open_store("s3://some-bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    started = time.time()
+    with pytest.raises(StorageUnavailable, match="unreachable"):
+        store.get_bytes("a.bin")
+    assert time.time() - started < 30
+
+
+@pytest.fixture(scope="module")
+def auth_s3_endpoint():
+    """A second moto server that enforces credentials (only IAM-created keys are accepted)."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("moto_server with auth did not start")
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_s3_denied_credentials(auth_s3_endpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = open_store("s3://locked-bucket", endpoint_url=auth_s3_endpoint)
+    with pytest.raises(StorageAccessDenied, match="access denied"):
+        store.put_bytes("a.bin", b"1")
+    with pytest.raises(StorageAccessDenied):
+        store.list()
+
+
+def test_open_store_rejects_other_schemes():
+    with pytest.raises(ValueError, match="s3://bucket/prefix"):
+        open_store("http://example.com/x")
