@@ -1,0 +1,493 @@
+"""Licences, API keys, usage metering, invoices, downloads and revenue statements.
+
+The tables live in the ledger database (declared on :class:`factory.ledger.Base`). Three licence
+kinds exist:
+
+- ``usage``: the buyer calls the completions API with an API key; every generated token is
+  metered against the expert (and version) that routed it, billed at the expert's per-token price;
+- ``weight``: a one-time fee plus a yearly maintenance fee; the buyer downloads the weight bundle;
+- ``exclusive``: a premium that makes the expert private to the buyer.
+
+Money is :class:`~decimal.Decimal`, stored as exact decimal strings, never float. API keys are
+stored as ``sha256(salt || secret)`` with a per-key random salt and compared in constant time.
+
+Revenue (usage charges and fees) of an expert version is split among the contributors recorded
+for it by :meth:`factory.ledger.Ledger.shares_for`, in proportion to their shares, by the largest
+remainder method at the cent (:func:`split_cents`), so a statement sums exactly to revenue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+from sqlalchemy import ForeignKey, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from factory.ledger import Base, Ledger
+
+CENT = Decimal("0.01")
+LICENCE_KINDS = ("usage", "weight", "exclusive")
+# Why a key was refused; the API answers 401 with one of these.
+KEY_REFUSALS = ("missing", "malformed", "unknown", "mismatch", "revoked")
+UNALLOCATED = "unallocated"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def period_of(moment: datetime) -> str:
+    """The billing period of a moment: its calendar month, ``YYYY-MM`` (UTC)."""
+    return moment.astimezone(UTC).strftime("%Y-%m") if moment.tzinfo else moment.strftime("%Y-%m")
+
+
+class Buyer(Base):
+    __tablename__ = "buyers"
+
+    buyer_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.buyer_id"), index=True)
+    salt: Mapped[str] = mapped_column(String(64))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Licence(Base):
+    __tablename__ = "licences"
+
+    licence_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.buyer_id"), index=True)
+    expert_name: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    price_per_token: Mapped[str] = mapped_column(String(64), default="0")
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class UsageRecord(Base):
+    """Tokens one API call generated through one expert version, at the price then in force."""
+
+    __tablename__ = "usage_records"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.key_id"), index=True)
+    buyer_id: Mapped[str] = mapped_column(String(64), index=True)
+    expert_name: Mapped[str] = mapped_column(String(128))
+    expert_version: Mapped[str] = mapped_column(String(32))
+    tokens: Mapped[int] = mapped_column()
+    price_per_token: Mapped[str] = mapped_column(String(64))
+    period: Mapped[str] = mapped_column(String(7), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Charge(Base):
+    """A fee owed by a buyer: weight licence, yearly maintenance or exclusive premium."""
+
+    __tablename__ = "charges"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    buyer_id: Mapped[str] = mapped_column(String(64), index=True)
+    licence_id: Mapped[int] = mapped_column(ForeignKey("licences.licence_id"))
+    expert_name: Mapped[str] = mapped_column(String(128))
+    expert_version: Mapped[str] = mapped_column(String(32))
+    item: Mapped[str] = mapped_column(String(32))  # weight_fee | maintenance | exclusive_premium
+    amount: Mapped[str] = mapped_column(String(64))
+    period: Mapped[str] = mapped_column(String(7), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class DownloadLog(Base):
+    __tablename__ = "downloads"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    buyer_id: Mapped[str] = mapped_column(String(64), index=True)
+    expert_name: Mapped[str] = mapped_column(String(128))
+    expert_version: Mapped[str] = mapped_column(String(32))
+    bundle_sha256: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    expert_name: str
+    expert_version: str
+    item: str  # usage | weight_fee | maintenance | exclusive_premium
+    tokens: int
+    unit_price: Decimal
+    amount: Decimal  # exact; usage is tokens * unit_price, rounded to the cent half-up
+
+
+@dataclass(frozen=True)
+class Invoice:
+    buyer_id: str
+    period: str
+    lines: list[InvoiceLine]
+
+    @property
+    def total(self) -> Decimal:
+        return sum((line.amount for line in self.lines), Decimal("0.00"))
+
+
+def hash_secret(salt: str, secret: str) -> str:
+    return hashlib.sha256(bytes.fromhex(salt) + secret.encode("utf-8")).hexdigest()
+
+
+def split_cents(amount: Decimal, shares: dict[str, Decimal]) -> dict[str, Decimal]:
+    """Splits ``amount`` (rounded to the cent) in proportion to ``shares`` by largest remainder.
+
+    Each party first gets floor(cents * share / total) cents; the cents left over go one each to
+    the parties with the largest fractional remainders (ties broken by party name), so the parts
+    are whole cents and sum exactly to the rounded amount. Parties with zero share get zero.
+    """
+    cents = int((amount.quantize(CENT, rounding=ROUND_HALF_UP) / CENT).to_integral_value())
+    total = sum(shares.values(), Decimal(0))
+    if total <= 0:
+        raise ValueError("shares: at least one share must be positive")
+    if any(value < 0 for value in shares.values()):
+        raise ValueError("shares: every share must be >= 0")
+    exact = {party: Decimal(cents) * value / total for party, value in shares.items()}
+    floors = {party: int(value) for party, value in exact.items()}
+    left = cents - sum(floors.values())
+    order = sorted(shares, key=lambda party: (-(exact[party] - floors[party]), party))
+    for party in order[:left]:
+        floors[party] += 1
+    return {party: Decimal(count) * CENT for party, count in floors.items()}
+
+
+class Licensing:
+    """Buyers, keys, licences, metering and statements over the ledger's database."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.engine = ledger.engine
+        Base.metadata.create_all(self.engine)
+
+    # buyers and keys -------------------------------------------------------------------------
+    def create_buyer(self, name: str) -> str:
+        if not name.strip() or len(name) > 128:
+            raise ValueError("name: give a buyer name of 1 to 128 characters")
+        buyer_id = "b_" + secrets.token_hex(8)
+        with Session(self.engine) as session, session.begin():
+            session.add(Buyer(buyer_id=buyer_id, name=name.strip()))
+        return buyer_id
+
+    def buyer_name(self, buyer_id: str) -> str | None:
+        with Session(self.engine) as session:
+            row = session.get(Buyer, buyer_id)
+            return row.name if row else None
+
+    def issue_key(self, buyer_id: str) -> str:
+        """Returns a new API key ``taas_<key_id>_<secret>``; only its salted hash is stored."""
+        if self.buyer_name(buyer_id) is None:
+            raise ValueError(f"buyer_id: no buyer {buyer_id}")
+        key_id, secret, salt = (
+            secrets.token_hex(8),
+            secrets.token_urlsafe(24),
+            secrets.token_hex(16),
+        )
+        with Session(self.engine) as session, session.begin():
+            session.add(
+                ApiKey(
+                    key_id=key_id,
+                    buyer_id=buyer_id,
+                    salt=salt,
+                    secret_sha256=hash_secret(salt, secret),
+                )
+            )
+        return f"taas_{key_id}_{secret}"
+
+    def revoke_key(self, key_id: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(ApiKey, key_id)
+            if row is None:
+                raise ValueError(f"key_id: no key {key_id}")
+            row.revoked_at = row.revoked_at or _now()
+
+    def authenticate(self, presented: str | None) -> tuple[str, str] | str:
+        """Returns (buyer_id, key_id) for a valid key, else a reason from ``KEY_REFUSALS``."""
+        if not presented:
+            return "missing"
+        parts = presented.split("_", 2)
+        if len(parts) != 3 or parts[0] != "taas" or len(parts[1]) != 16 or not parts[2]:
+            return "malformed"
+        with Session(self.engine) as session:
+            row = session.get(ApiKey, parts[1])
+            if row is None:
+                return "unknown"
+            if not hmac.compare_digest(hash_secret(row.salt, parts[2]), row.secret_sha256):
+                return "mismatch"
+            if row.revoked_at is not None:
+                return "revoked"
+            return row.buyer_id, row.key_id
+
+    def keys_of(self, buyer_id: str) -> list[tuple[str, bool]]:
+        """(key_id, revoked) for every key of a buyer."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ApiKey).where(ApiKey.buyer_id == buyer_id))
+            return [(row.key_id, row.revoked_at is not None) for row in rows]
+
+    # licences ---------------------------------------------------------------------------------
+    def grant(
+        self,
+        buyer_id: str,
+        expert_name: str,
+        expert_version: str,
+        kind: str,
+        price_per_token: Decimal = Decimal(0),
+        fee: Decimal = Decimal(0),
+        maintenance_fee: Decimal = Decimal(0),
+        at: datetime | None = None,
+    ) -> int:
+        """Grants a licence and books its fees; returns the licence id.
+
+        ``weight`` books ``fee`` (one time) and the first year's ``maintenance_fee``;
+        ``exclusive`` books ``fee`` as the premium and is refused while another buyer holds an
+        active licence on the expert.
+        """
+        if kind not in LICENCE_KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(LICENCE_KINDS)}, not {kind!r}")
+        if self.buyer_name(buyer_id) is None:
+            raise ValueError(f"buyer_id: no buyer {buyer_id}")
+        at = at or _now()
+        with Session(self.engine) as session, session.begin():
+            active = session.scalars(
+                select(Licence).where(
+                    Licence.expert_name == expert_name, Licence.revoked_at.is_(None)
+                )
+            ).all()
+            owner = next((lic.buyer_id for lic in active if lic.kind == "exclusive"), None)
+            if owner is not None and owner != buyer_id:
+                raise ValueError(f"expert_name: {expert_name} is licensed exclusively")
+            if kind == "exclusive" and any(lic.buyer_id != buyer_id for lic in active):
+                raise ValueError(f"kind: {expert_name} has other licensees; exclusive refused")
+            licence = Licence(
+                buyer_id=buyer_id,
+                expert_name=expert_name,
+                kind=kind,
+                price_per_token=str(price_per_token),
+                created_at=at,
+            )
+            session.add(licence)
+            session.flush()
+            items = {"weight": [("weight_fee", fee), ("maintenance", maintenance_fee)]}
+            items["exclusive"] = [("exclusive_premium", fee)]
+            for item, amount in items.get(kind, []):
+                if amount > 0:
+                    session.add(
+                        Charge(
+                            buyer_id=buyer_id,
+                            licence_id=licence.licence_id,
+                            expert_name=expert_name,
+                            expert_version=expert_version,
+                            item=item,
+                            amount=str(amount),
+                            period=period_of(at),
+                            created_at=at,
+                        )
+                    )
+            return licence.licence_id
+
+    def renew_maintenance(
+        self, licence_id: int, expert_version: str, amount: Decimal, at: datetime | None = None
+    ) -> None:
+        """Books one more year of maintenance on a weight licence."""
+        at = at or _now()
+        with Session(self.engine) as session, session.begin():
+            licence = session.get(Licence, licence_id)
+            if licence is None or licence.kind != "weight":
+                raise ValueError(f"licence_id: {licence_id} is not a weight licence")
+            session.add(
+                Charge(
+                    buyer_id=licence.buyer_id,
+                    licence_id=licence_id,
+                    expert_name=licence.expert_name,
+                    expert_version=expert_version,
+                    item="maintenance",
+                    amount=str(amount),
+                    period=period_of(at),
+                    created_at=at,
+                )
+            )
+
+    def licences_of(self, buyer_id: str) -> list[Licence]:
+        with Session(self.engine) as session:
+            stmt = select(Licence).where(Licence.buyer_id == buyer_id, Licence.revoked_at.is_(None))
+            return list(session.scalars(stmt))
+
+    def holds(self, buyer_id: str, expert_name: str, kinds: tuple[str, ...]) -> bool:
+        return any(
+            lic.expert_name == expert_name and lic.kind in kinds
+            for lic in self.licences_of(buyer_id)
+        )
+
+    def exclusive_owner(self, expert_name: str) -> str | None:
+        with Session(self.engine) as session:
+            stmt = select(Licence.buyer_id).where(
+                Licence.expert_name == expert_name,
+                Licence.kind == "exclusive",
+                Licence.revoked_at.is_(None),
+            )
+            return session.scalars(stmt).first()
+
+    def exclusive_experts(self) -> dict[str, str]:
+        """expert name -> buyer id for every active exclusive licence."""
+        with Session(self.engine) as session:
+            stmt = select(Licence).where(Licence.kind == "exclusive", Licence.revoked_at.is_(None))
+            return {lic.expert_name: lic.buyer_id for lic in session.scalars(stmt)}
+
+    # metering ---------------------------------------------------------------------------------
+    def meter(
+        self,
+        key_id: str,
+        buyer_id: str,
+        routed: dict[tuple[str, str], int],
+        prices: dict[str, Decimal],
+        at: datetime | None = None,
+    ) -> None:
+        """Records one call's tokens per (expert, version) in one transaction."""
+        at = at or _now()
+        with Session(self.engine) as session, session.begin():
+            for (expert_name, version), tokens in sorted(routed.items()):
+                if tokens <= 0:
+                    continue
+                session.add(
+                    UsageRecord(
+                        key_id=key_id,
+                        buyer_id=buyer_id,
+                        expert_name=expert_name,
+                        expert_version=version,
+                        tokens=tokens,
+                        price_per_token=str(prices[expert_name]),
+                        period=period_of(at),
+                        created_at=at,
+                    )
+                )
+
+    def usage(self, buyer_id: str, period: str | None = None) -> dict[tuple[str, str], int]:
+        """Tokens per (expert, version) metered for a buyer, over one period or all time."""
+        with Session(self.engine) as session:
+            stmt = select(UsageRecord).where(UsageRecord.buyer_id == buyer_id)
+            if period:
+                stmt = stmt.where(UsageRecord.period == period)
+            totals: dict[tuple[str, str], int] = {}
+            for row in session.scalars(stmt):
+                key = (row.expert_name, row.expert_version)
+                totals[key] = totals.get(key, 0) + row.tokens
+            return totals
+
+    def invoice(self, buyer_id: str, period: str) -> Invoice:
+        """Usage lines (tokens x price, rounded to the cent half-up) and fees booked in a period."""
+        lines: list[InvoiceLine] = []
+        with Session(self.engine) as session:
+            usage = session.scalars(
+                select(UsageRecord).where(
+                    UsageRecord.buyer_id == buyer_id, UsageRecord.period == period
+                )
+            )
+            grouped: dict[tuple[str, str, str], int] = {}
+            for row in usage:
+                key = (row.expert_name, row.expert_version, row.price_per_token)
+                grouped[key] = grouped.get(key, 0) + row.tokens
+            for (name, version, price), tokens in sorted(grouped.items()):
+                amount = (tokens * Decimal(price)).quantize(CENT, rounding=ROUND_HALF_UP)
+                lines.append(InvoiceLine(name, version, "usage", tokens, Decimal(price), amount))
+            charges = session.scalars(
+                select(Charge).where(Charge.buyer_id == buyer_id, Charge.period == period)
+            )
+            for charge in charges:
+                amount = Decimal(charge.amount).quantize(CENT, rounding=ROUND_HALF_UP)
+                lines.append(
+                    InvoiceLine(
+                        charge.expert_name, charge.expert_version, charge.item, 0, amount, amount
+                    )
+                )
+        return Invoice(buyer_id=buyer_id, period=period, lines=lines)
+
+    # downloads --------------------------------------------------------------------------------
+    def log_download(
+        self, buyer_id: str, expert_name: str, version: str, bundle_sha256: str, client: str
+    ) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(
+                DownloadLog(
+                    buyer_id=buyer_id,
+                    expert_name=expert_name,
+                    expert_version=version,
+                    bundle_sha256=bundle_sha256,
+                    client=client[:128],
+                )
+            )
+
+    def downloads_of(self, buyer_id: str) -> list[DownloadLog]:
+        with Session(self.engine) as session:
+            stmt = select(DownloadLog).where(DownloadLog.buyer_id == buyer_id)
+            return list(session.scalars(stmt))
+
+    # revenue ----------------------------------------------------------------------------------
+    def revenue(self, period: str | None = None) -> dict[tuple[str, str], Decimal]:
+        """Billed revenue per (expert, version): every buyer's invoice lines, cents exact."""
+        with Session(self.engine) as session:
+            buyers = list(session.scalars(select(Buyer.buyer_id)))
+            periods = (
+                [period]
+                if period
+                else sorted(
+                    set(session.scalars(select(UsageRecord.period)))
+                    | set(session.scalars(select(Charge.period)))
+                )
+            )
+        totals: dict[tuple[str, str], Decimal] = {}
+        for buyer_id in buyers:
+            for each in periods:
+                for line in self.invoice(buyer_id, each).lines:
+                    key = (line.expert_name, line.expert_version)
+                    totals[key] = totals.get(key, Decimal("0.00")) + line.amount
+        return totals
+
+    def contributor_shares(self, expert_name: str, version: str) -> dict[str, Decimal]:
+        """Contributors' shares of an expert version: the cycles recorded for that version,
+        or, when none name it, every cycle recorded for the expert; summed per contributor."""
+        rows = self.ledger.shares_for(expert_name)
+        chosen = [row for row in rows if row.expert_version == version] or rows
+        shares: dict[str, Decimal] = {}
+        for row in chosen:
+            shares[row.contributor_id] = shares.get(row.contributor_id, Decimal(0)) + Decimal(
+                row.share
+            )
+        return {who: value for who, value in shares.items() if value > 0}
+
+    def statements(self, period: str | None = None) -> dict[str, dict[tuple[str, str], Decimal]]:
+        """contributor -> (expert, version) -> amount; an expert version with no recorded shares
+        goes to ``UNALLOCATED``. For each version the parts sum exactly to its revenue."""
+        result: dict[str, dict[tuple[str, str], Decimal]] = {}
+        for (name, version), amount in sorted(self.revenue(period).items()):
+            shares = self.contributor_shares(name, version) or {UNALLOCATED: Decimal(1)}
+            for who, part in split_cents(amount, shares).items():
+                result.setdefault(who, {})[(name, version)] = part
+        return result
+
+    def statement(self, contributor_id: str, period: str | None = None) -> dict:
+        lines = self.statements(period).get(contributor_id, {})
+        return {
+            "contributor": contributor_id,
+            "period": period or "all",
+            "lines": [
+                {"expert": name, "version": version, "amount": str(amount)}
+                for (name, version), amount in sorted(lines.items())
+            ],
+            "total": str(sum(lines.values(), Decimal("0.00"))),
+        }

@@ -1,0 +1,230 @@
+"""The marketplace web app: server-rendered pages (Jinja2) plus the buyer API.
+
+Pages: ``/`` catalog with search and filters, ``/experts/{name}``, ``/compare``, ``/demo`` with a
+streamed generation (``/demo/stream``: one JSON line per token with its expert), ``/account``
+(buyer sign-up, licences, usage, invoices, download links), ``/download/...`` (signed, expiring,
+logged), ``/statements/{contributor}`` (signed link), ``/readiness``. Run with
+``taas marketplace serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi import FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.templating import Jinja2Templates
+
+from factory.licensing import period_of
+from marketplace.api import build_router
+from marketplace.auth import RateLimiter, check_link, session_buyer, session_cookie, sign_link
+from marketplace.charts import benchmark_svg
+from marketplace.market import Market
+
+COOKIE = "taas_session"
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+
+
+def create_app(market: Market) -> FastAPI:
+    app = FastAPI(title="taas marketplace", docs_url=None, redoc_url=None)
+    app.include_router(build_router(market))
+    limiter = RateLimiter(market.config.demo_rate_per_minute, market.config.demo_burst)
+
+    def buyer_of(request: Request) -> str | None:
+        return session_buyer(market.secret, request.cookies.get(COOKIE))
+
+    def page(request: Request, name: str, **context) -> HTMLResponse:
+        buyer_id = buyer_of(request)
+        context.update(
+            buyer_id=buyer_id,
+            buyer_name=market.licensing.buyer_name(buyer_id) if buyer_id else None,
+            ready=market.readiness(),
+        )
+        return TEMPLATES.TemplateResponse(request, name, context)
+
+    def entry_or_404(name: str, request: Request):
+        entry = market.visible(name, buyer_of(request))
+        if entry is None:
+            raise HTTPException(404, detail="no such expert")
+        return entry
+
+    @app.get("/", response_class=HTMLResponse)
+    def catalog(
+        request: Request,
+        q: str = "",
+        domain: str = "",
+        base_model: str = "",
+        benchmark: str = "",
+        licence: str = "",
+    ) -> HTMLResponse:
+        every = market.visible_entries(buyer_of(request))
+        shown = [
+            e
+            for e in every
+            if (not q or e.matches(q))
+            and (not domain or e.domain == domain)
+            and (not base_model or e.base_model == base_model)
+            and (not benchmark or any(r.task == benchmark for r in e.benchmarks))
+            and (not licence or licence in e.licence.split("+"))
+        ]
+        facets = {
+            "domain": sorted({e.domain for e in every}),
+            "base_model": sorted({e.base_model for e in every}),
+            "benchmark": sorted({r.task for e in every for r in e.benchmarks}),
+            "licence": ["usage", "weight", "exclusive"],
+        }
+        chosen = {"q": q, "domain": domain, "base_model": base_model, "benchmark": benchmark}
+        chosen["licence"] = licence
+        by_domain: dict[str, list] = {}
+        for entry in shown:
+            by_domain.setdefault(entry.domain, []).append(entry)
+        return page(request, "catalog.html", by_domain=by_domain, facets=facets, chosen=chosen)
+
+    @app.get("/experts/{name}", response_class=HTMLResponse)
+    def expert(name: str, request: Request) -> HTMLResponse:
+        entry = entry_or_404(name, request)
+        return page(request, "expert.html", e=entry, chart=benchmark_svg(entry.benchmarks))
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(request: Request, names: list[str] = Query(default=[])) -> HTMLResponse:
+        chosen = list(dict.fromkeys(n for n in names if n))
+        if not 2 <= len(chosen) <= 4:
+            raise HTTPException(400, detail="names: choose 2 to 4 experts to compare")
+        entries = [entry_or_404(n, request) for n in chosen]
+        tasks = sorted({r.task for e in entries for r in e.benchmarks})
+        table = {e.name: {r.task: r for r in e.benchmarks} for e in entries}
+        return page(request, "compare.html", entries=entries, tasks=tasks, table=table)
+
+    @app.get("/demo", response_class=HTMLResponse)
+    def demo(request: Request, expert: str = "") -> HTMLResponse:
+        entries = market.visible_entries(buyer_of(request))
+        if expert:
+            entry_or_404(expert, request)
+        return page(request, "demo.html", entries=entries, selected=expert)
+
+    @app.get("/demo/stream")
+    def demo_stream(request: Request, expert: str, prompt: str) -> StreamingResponse:
+        entry = entry_or_404(expert, request)
+        visitor = buyer_of(request) or (request.client.host if request.client else "unknown")
+        if not limiter.allow(visitor):
+            raise HTTPException(429, detail="demo: too many requests, wait a minute")
+        handle = market.handle(entry)
+        try:
+            market.generator.prompt_ids(prompt)
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+
+        def lines() -> Iterator[str]:
+            tokens = market.generator.stream([handle], prompt, market.config.demo_max_new_tokens)
+            for token in tokens:
+                yield json.dumps({"text": token.text, "expert": token.expert}) + "\n"
+            yield json.dumps({"done": True}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/readiness", response_class=HTMLResponse)
+    def readiness_page(request: Request) -> HTMLResponse:
+        return page(request, "readiness.html")
+
+    @app.get("/api/readiness")
+    def readiness_json() -> dict:
+        ready = market.readiness()
+        return {"open": ready.open, "ready_domains": ready.ready_domains, "short": ready.short}
+
+    @app.post("/account")
+    def sign_up(request: Request, name: str = Form(...)) -> HTMLResponse:
+        try:
+            buyer_id = market.licensing.create_buyer(name)
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        key = market.licensing.issue_key(buyer_id)
+        response = RedirectResponse("/account", status_code=303)
+        response.set_cookie(
+            COOKIE, session_cookie(market.secret, buyer_id), httponly=True, samesite="lax"
+        )
+        response.set_cookie("taas_new_key", key, httponly=True, samesite="lax", max_age=60)
+        return response
+
+    @app.get("/account", response_class=HTMLResponse)
+    def account(request: Request) -> HTMLResponse:
+        buyer_id = buyer_of(request)
+        if buyer_id is None:
+            return page(request, "signup.html")
+        licences = market.licensing.licences_of(buyer_id)
+        expires = int(time.time()) + market.config.link_ttl_s
+        links = {}
+        for lic in licences:
+            entry = market.visible(lic.expert_name, buyer_id)
+            if entry and lic.kind in ("weight", "exclusive"):
+                path = f"/download/{buyer_id}/{entry.name}/{entry.champion}"
+                links[lic.licence_id] = sign_link(market.secret, path, expires)
+        period = period_of(datetime.now(UTC))
+        response = page(
+            request,
+            "account.html",
+            new_key=request.cookies.get("taas_new_key"),
+            licences=licences,
+            links=links,
+            usage=sorted(market.licensing.usage(buyer_id).items()),
+            invoice=market.licensing.invoice(buyer_id, period),
+            keys=market.licensing.keys_of(buyer_id),
+            downloads=market.licensing.downloads_of(buyer_id),
+        )
+        response.delete_cookie("taas_new_key")  # the key is shown once
+        return response
+
+    @app.post("/experts/{name}/license")
+    def license_expert(name: str, request: Request, kind: str = Form(...)) -> Response:
+        buyer_id = buyer_of(request)
+        if buyer_id is None:
+            return RedirectResponse("/account", status_code=303)
+        entry = entry_or_404(name, request)
+        if kind not in entry.licence.split("+"):
+            raise HTTPException(400, detail=f"kind: {name} is offered as {entry.licence}")
+        try:
+            market.grant(buyer_id, entry, kind)
+        except ValueError as exc:
+            raise HTTPException(409, detail=str(exc)) from None
+        return RedirectResponse("/account", status_code=303)
+
+    @app.get("/download/{buyer_id}/{name}/{version}")
+    def download(
+        buyer_id: str,
+        name: str,
+        version: str,
+        request: Request,
+        expires: str | None = None,
+        sig: str | None = None,
+    ) -> Response:
+        refused = check_link(market.secret, request.url.path, expires, sig)
+        if refused:
+            raise HTTPException(403, detail=f"download link refused: {refused}")
+        entry = market.visible(name, buyer_id)
+        if entry is None or version not in entry.versions:
+            raise HTTPException(404, detail="no such expert")
+        if not market.licensing.holds(buyer_id, name, ("weight", "exclusive")):
+            raise HTTPException(403, detail="no weight licence")
+        data, digest = market.bundle(entry, version)
+        client = request.client.host if request.client else ""
+        market.licensing.log_download(buyer_id, name, version, digest, client)
+        filename = f"{name}-{version}.tar.gz"
+        headers = {
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Bundle-SHA256": digest,
+        }
+        return Response(data, media_type="application/gzip", headers=headers)
+
+    @app.get("/statements/{contributor}", response_class=HTMLResponse)
+    def statement(
+        contributor: str, request: Request, expires: str | None = None, sig: str | None = None
+    ) -> HTMLResponse:
+        refused = check_link(market.secret, request.url.path, expires, sig)
+        if refused:
+            raise HTTPException(403, detail=f"statement link refused: {refused}")
+        return page(request, "statement.html", s=market.licensing.statement(contributor))
+
+    return app

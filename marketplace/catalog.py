@@ -1,0 +1,222 @@
+"""What the marketplace knows about each expert: the :class:`Catalog` protocol and two sources.
+
+A :class:`CatalogEntry` carries exactly what the pages, the API and the downloads need. Names from
+requests are only ever looked up here (``get``); a folder path comes from the catalog's own
+``expert_folder``, never from request text. :class:`StaticCatalog` holds entries given in code
+(tests, demos); :class:`LibraryCatalog` reads the MLflow-backed expert library
+(:mod:`factory.library`), mapping its registration tags to entries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Price:
+    """Prices in the marketplace currency; Decimal, never float."""
+
+    per_token: Decimal
+    weight_fee: Decimal
+    maintenance_fee: Decimal  # per year
+    exclusive_premium: Decimal
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    task: str
+    metric: str
+    expert: float
+    base: float
+    higher_is_better: bool = True
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    domain: str
+    base_model: str
+    base_model_sha256: str
+    versions: list[str]  # oldest first
+    champion: str  # the version served and sold
+    price: Price
+    licence: str  # licence terms offered, e.g. "usage+weight+exclusive"
+    pol_validated: bool  # the champion passed Proof-of-Loss validation
+    pol_summary: str  # e.g. "mean score 0.041 over 3 cycles"
+    cycles: int
+    last_trained: str  # ISO date
+    dataset_sha256: str
+    adapter_sha256: str
+    contributors: dict[str, str]  # contributor -> share (exact decimal string)
+    benchmarks: list[BenchmarkRow]
+    model_card: str
+    champion_history: list[tuple[str, str]]  # (version, date promoted)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def matches(self, query: str) -> bool:
+        text = " ".join([self.name, self.domain, self.base_model, self.model_card]).lower()
+        return all(word in text for word in query.lower().split())
+
+
+class Catalog(Protocol):
+    def entries(self) -> list[CatalogEntry]: ...
+
+    def get(self, name: str) -> CatalogEntry | None: ...
+
+    def expert_folder(self, name: str, version: str) -> Path: ...
+
+
+class StaticCatalog:
+    """Entries and their expert folders given in code."""
+
+    def __init__(self, entries: list[CatalogEntry], folders: dict[tuple[str, str], Path]):
+        self._entries = {entry.name: entry for entry in entries}
+        self._folders = dict(folders)
+
+    def entries(self) -> list[CatalogEntry]:
+        return sorted(self._entries.values(), key=lambda e: (e.domain, e.name))
+
+    def get(self, name: str) -> CatalogEntry | None:
+        return self._entries.get(name)
+
+    def expert_folder(self, name: str, version: str) -> Path:
+        try:
+            return self._folders[(name, version)]
+        except KeyError:
+            raise LookupError(f"no folder for {name} version {version}") from None
+
+
+def _json_tag(tags: dict[str, str], key: str, default: Any) -> Any:
+    try:
+        return json.loads(tags[key])
+    except (KeyError, ValueError, TypeError):
+        return default
+
+
+def entry_from_tags(
+    name: str, versions: list[str], champion: str, tags: dict[str, str], model_card: str = ""
+) -> CatalogEntry:
+    """Builds an entry from a registered model version's provenance tags.
+
+    Tags read (missing ones fall back to empty values): domain, base_model, base_model_sha256,
+    dataset_sha256, adapter_sha256, pol_scores (JSON list or mapping), cycles, contributors
+    (JSON mapping contributor -> share), licence, benchmark (JSON list of rows with task, metric,
+    expert, base), trained_at, champion_history (JSON list of [version, date]), price_per_token,
+    weight_fee, maintenance_fee, exclusive_premium.
+    """
+    scores = _json_tag(tags, "pol_scores", [])
+    values = list(scores.values()) if isinstance(scores, dict) else list(scores)
+    numeric = [float(v) for v in values if isinstance(v, int | float)]
+    cycles = int(tags.get("cycles", "0") or 0)
+    rows = [
+        BenchmarkRow(
+            task=str(row["task"]),
+            metric=str(row.get("metric", "")),
+            expert=float(row["expert"]),
+            base=float(row["base"]),
+            higher_is_better=bool(row.get("higher_is_better", True)),
+        )
+        for row in _json_tag(tags, "benchmark", [])
+        if isinstance(row, dict) and {"task", "expert", "base"} <= row.keys()
+    ]
+    summary = (
+        f"mean score {sum(numeric) / len(numeric):.4f} over {cycles} cycles"
+        if numeric
+        else "no Proof-of-Loss scores"
+    )
+    return CatalogEntry(
+        name=name,
+        domain=tags.get("domain", "general"),
+        base_model=tags.get("base_model", ""),
+        base_model_sha256=tags.get("base_model_sha256", ""),
+        versions=versions,
+        champion=champion,
+        price=Price(
+            per_token=Decimal(tags.get("price_per_token", "0.0001")),
+            weight_fee=Decimal(tags.get("weight_fee", "500.00")),
+            maintenance_fee=Decimal(tags.get("maintenance_fee", "100.00")),
+            exclusive_premium=Decimal(tags.get("exclusive_premium", "5000.00")),
+        ),
+        licence=tags.get("licence", "usage+weight+exclusive"),
+        pol_validated=bool(numeric) and any(v > 0 for v in numeric),
+        pol_summary=summary,
+        cycles=cycles,
+        last_trained=tags.get("trained_at", "")[:10],
+        dataset_sha256=tags.get("dataset_sha256", ""),
+        adapter_sha256=tags.get("adapter_sha256", ""),
+        contributors={str(k): str(v) for k, v in _json_tag(tags, "contributors", {}).items()},
+        benchmarks=rows,
+        model_card=model_card,
+        champion_history=[tuple(x) for x in _json_tag(tags, "champion_history", [])],
+        tags=dict(tags),
+    )
+
+
+class LibraryCatalog:
+    """Entries read from the expert library (``factory.library.ExpertLibrary``).
+
+    The library is passed in; ``describe(name) -> (versions, champion, tags, model_card)`` and
+    ``folder(name, version) -> Path`` adapt it, so a change in its return types touches only
+    :func:`library_catalog`.
+    """
+
+    def __init__(
+        self,
+        names: Callable[[], list[str]],
+        describe: Callable[[str], tuple[list[str], str, dict[str, str], str]],
+        folder: Callable[[str, str], Path],
+    ):
+        self._names, self._describe, self._folder = names, describe, folder
+
+    def entries(self) -> list[CatalogEntry]:
+        found = [self.get(name) for name in self._names()]
+        return sorted((e for e in found if e), key=lambda e: (e.domain, e.name))
+
+    def get(self, name: str) -> CatalogEntry | None:
+        if name not in self._names():
+            return None
+        versions, champion, tags, card = self._describe(name)
+        if tags.get("visibility", "public") != "public":
+            return None
+        return entry_from_tags(name, versions, champion, tags, card)
+
+    def expert_folder(self, name: str, version: str) -> Path:
+        return self._folder(name, version)
+
+
+def library_catalog(settings: Any) -> LibraryCatalog:
+    """A catalog over ``factory.library.ExpertLibrary(settings)``."""
+    from factory.library import ExpertLibrary
+
+    library = ExpertLibrary(settings)
+
+    def names() -> list[str]:
+        return sorted({_field(item, "name") for item in library.list()})
+
+    def describe(name: str) -> tuple[list[str], str, dict[str, str], str]:
+        shown = library.show(name)
+        versions = [str(_field(v, "version")) for v in _field(shown, "versions", [])]
+        aliases = _field(shown, "aliases", {}) or {}
+        champion = str(aliases.get("champion", versions[-1] if versions else ""))
+        tags = {str(k): str(v) for k, v in (_field(shown, "tags", {}) or {}).items()}
+        return versions, champion, tags, str(_field(shown, "model_card", "") or "")
+
+    def folder(name: str, version: str) -> Path:
+        return Path(library.download(name, version, library_download_dir(settings, name, version)))
+
+    return LibraryCatalog(names, describe, folder)
+
+
+def library_download_dir(settings: Any, name: str, version: str) -> Path:
+    return Path(settings.home) / "marketplace" / "experts" / name / version
+
+
+def _field(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)

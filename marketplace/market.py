@@ -1,0 +1,141 @@
+"""The marketplace's rules in one object: who may see, try, call and download which expert.
+
+:class:`Market` joins the catalog, the licensing ledger and the generator. Every name from a
+request is resolved with :meth:`Market.visible` (catalog lookup plus the exclusivity rule), and
+every expert folder comes from the catalog, so no request text reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from factory.hashing import bytes_sha256
+from factory.licensing import Licensing
+from marketplace.catalog import Catalog, CatalogEntry
+from marketplace.demo import ExpertHandle, RoutedGenerator
+from marketplace.readiness import Readiness, readiness
+
+
+class MarketplaceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: str = Field(min_length=16, description="HMAC key for sessions and download links")
+    base_model_path: Path
+    min_domains: int = Field(default=20, ge=1)
+    min_cycles: int = Field(default=3, ge=1)
+    demo_rate_per_minute: float = Field(default=6.0, gt=0)
+    demo_burst: int = Field(default=3, ge=1)
+    demo_max_new_tokens: int = Field(default=32, ge=1)
+    max_prompt_tokens: int = Field(default=256, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    link_ttl_s: int = Field(default=900, ge=1)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One completion: its text, prompt size and the (expert, version) of every token."""
+
+    text: str
+    prompt_tokens: int
+    routes: list[tuple[str, str]]
+
+    def per_expert(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for route in self.routes:
+            counts[route] = counts.get(route, 0) + 1
+        return counts
+
+
+class Market:
+    def __init__(
+        self,
+        config: MarketplaceConfig,
+        catalog: Catalog,
+        licensing: Licensing,
+        generator: RoutedGenerator | None = None,
+    ):
+        self.config, self.catalog, self.licensing = config, catalog, licensing
+        self._generator = generator
+
+    @property
+    def generator(self) -> RoutedGenerator:
+        if self._generator is None:
+            limit = max(self.config.max_new_tokens, self.config.demo_max_new_tokens)
+            self._generator = RoutedGenerator(
+                self.config.base_model_path, self.config.max_prompt_tokens, limit
+            )
+        return self._generator
+
+    @property
+    def secret(self) -> bytes:
+        return self.config.secret.encode("utf-8")
+
+    def visible(self, name: str, buyer_id: str | None) -> CatalogEntry | None:
+        """The entry when it exists and is not exclusive to another buyer; else None."""
+        entry = self.catalog.get(name)
+        if entry is None:
+            return None
+        owner = self.licensing.exclusive_owner(name)
+        return entry if owner is None or owner == buyer_id else None
+
+    def visible_entries(self, buyer_id: str | None) -> list[CatalogEntry]:
+        private = self.licensing.exclusive_experts()
+        return [
+            entry
+            for entry in self.catalog.entries()
+            if private.get(entry.name, buyer_id) == buyer_id
+        ]
+
+    def readiness(self) -> Readiness:
+        public = self.visible_entries(None)
+        return readiness(
+            ((e.domain, e.pol_validated, e.cycles) for e in public),
+            self.config.min_domains,
+            self.config.min_cycles,
+        )
+
+    def handle(self, entry: CatalogEntry) -> ExpertHandle:
+        return ExpertHandle(
+            entry.name, entry.champion, self.catalog.expert_folder(entry.name, entry.champion)
+        )
+
+    def complete(self, entries: list[CatalogEntry], prompt: str, max_tokens: int) -> Routed:
+        handles = [self.handle(entry) for entry in entries]
+        prompt_tokens = len(self.generator.prompt_ids(prompt))
+        pieces, routes = [], []
+        for token in self.generator.stream(handles, prompt, max_tokens):
+            pieces.append(token.text)
+            routes.append((token.expert, token.version))
+        return Routed("".join(pieces), prompt_tokens, routes)
+
+    def grant(self, buyer_id: str, entry: CatalogEntry, kind: str) -> int:
+        price = entry.price
+        fee = {"weight": price.weight_fee, "exclusive": price.exclusive_premium}.get(
+            kind, Decimal(0)
+        )
+        maintenance = price.maintenance_fee if kind == "weight" else Decimal(0)
+        return self.licensing.grant(
+            buyer_id, entry.name, entry.champion, kind, price.per_token, fee, maintenance
+        )
+
+    def bundle(self, entry: CatalogEntry, version: str) -> tuple[bytes, str]:
+        """A reproducible tar.gz of an expert version's folder and its sha256."""
+        folder = self.catalog.expert_folder(entry.name, version)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+            for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+                info = tar.gettarinfo(
+                    str(path),
+                    arcname=f"{entry.name}-{version}/" + path.relative_to(folder).as_posix(),
+                )
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                with open(path, "rb") as fh:
+                    tar.addfile(info, fh)
+        data = buffer.getvalue()
+        return data, bytes_sha256(data)
