@@ -1,0 +1,178 @@
+"""One cycle's evaluate-and-merge: gate -> Proof-of-Loss -> score-weighted outer step -> shares.
+
+:func:`merge_cycle` reads top to bottom:
+
+1. gate every candidate (:func:`evaluation.gate.screen_candidates`);
+2. L(current) on the seeded held-out batches (the base's loss when there is no current adapter);
+3. L(candidate) for each accepted one, then the same-loss duplicate screen;
+4. scores ``max(0, L(current) - L(candidate)) ** power`` (rejected: 0), weights over the positive
+   scores (top_k), so a candidate that does not lower the loss is never merged;
+5. the outer step over the weighted candidates, and L(new);
+6. reward shares per contributor (the sum of its candidates' weights), recorded in the ledger.
+
+When no candidate scores above 0, or the merged adapter's loss is not below L(current), the
+current adapter stays (``improved`` False, the momentum state unchanged). Shares follow the
+weights either way: a contributor whose candidate lowered the loss did the work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from evaluation.gate import GateContext, GateDecision, screen_candidates, screen_losses
+from evaluation.proof_of_loss import LossReport, PolEvaluator, pol_score
+from factory.candidate import CandidateFiles
+from factory.hashing import tensors_sha256
+from merging.aggregate import merge_weights, outer_step
+from merging.rewards import reward_shares
+
+Adapter = dict[str, torch.Tensor]
+
+
+class MergeConfig(BaseModel):
+    """How a cycle merges: outer learning rate, top_k candidates, score power, Nesterov mu."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    outer_lr: float = Field(gt=0, le=2)
+    top_k: int | None = Field(ge=1)
+    power: float = Field(gt=0, le=4)
+    nesterov_momentum: float = Field(ge=0, lt=1)
+
+
+@dataclass
+class CycleOutcome:
+    decisions: list[GateDecision]
+    batch_indices: list[list[int]]
+    current_loss: LossReport
+    reports: list[LossReport | None]  # aligned with decisions; None where not evaluated
+    scores: list[float]  # aligned with decisions; rejected candidates score 0
+    weights: list[float]  # aligned with decisions
+    shares: dict[str, Decimal]
+    adapter: Adapter | None
+    adapter_sha256: str | None
+    new_loss: LossReport
+    improved: bool
+    note: str
+    momentum_state: Adapter | None = field(default=None, repr=False)
+
+
+def contributor_weights(decisions: list[GateDecision], weights: list[float]) -> dict[str, float]:
+    """Sum of candidate weights per verified contributor (a forged claim earns no row)."""
+    totals: dict[str, float] = {}
+    for decision, weight in zip(decisions, weights, strict=True):
+        if decision.signature_verified and decision.contributor_id is not None:
+            totals[decision.contributor_id] = totals.get(decision.contributor_id, 0.0) + weight
+    return totals
+
+
+def merge_cycle(
+    current_adapter: Adapter | None,
+    adapter_config: dict[str, Any],
+    candidates: list[CandidateFiles],
+    ctx: GateContext,
+    evaluator: PolEvaluator,
+    cfg: MergeConfig,
+    momentum_state: Adapter | None = None,
+    ledger: Any | None = None,
+    cycle_key: str | None = None,
+) -> CycleOutcome:
+    """Gates, scores and merges one cycle's candidates; records shares when a ledger is given."""
+    decisions = screen_candidates(candidates, ctx)
+    current_loss = evaluator.loss(current_adapter, adapter_config)
+    losses: list[float | None] = []
+    reports: list[LossReport | None] = []
+    for decision in decisions:
+        report = evaluator.loss(decision.adapter, adapter_config) if decision.accepted else None
+        reports.append(report)
+        losses.append(report.mean if report else None)
+    decisions = screen_losses(decisions, losses)
+    scores = [
+        pol_score(current_loss.mean, loss, cfg.power) if d.accepted and loss is not None else 0.0
+        for d, loss in zip(decisions, losses, strict=True)
+    ]
+    weights = merge_weights(scores, cfg.top_k)
+    shares = reward_shares(contributor_weights(decisions, weights))
+
+    adapter, momentum, new_loss = current_adapter, momentum_state, current_loss
+    improved, note = False, "no improvement: no candidate lowered the held-out loss"
+    chosen = [i for i, w in enumerate(weights) if w > 0]
+    if chosen:
+        merged, merged_momentum = outer_step(
+            current_adapter,
+            [decisions[i].adapter for i in chosen],
+            [weights[i] for i in chosen],
+            cfg.outer_lr,
+            momentum_state,
+            cfg.nesterov_momentum,
+        )
+        merged_loss = evaluator.loss(merged, adapter_config)
+        if merged_loss.mean < current_loss.mean:
+            adapter, momentum, new_loss = merged, merged_momentum, merged_loss
+            improved, note = True, f"merged {len(chosen)} candidate(s)"
+        else:
+            note = f"no improvement: merged loss {merged_loss.mean:.6f} >= current"
+    digest = tensors_sha256(adapter) if adapter is not None else None
+    if ledger is not None:
+        by_contributor: dict[str, float] = {}
+        for decision, score in zip(decisions, scores, strict=True):
+            if decision.contributor_id in shares:
+                by_contributor[decision.contributor_id] = (
+                    by_contributor.get(decision.contributor_id, 0.0) + score
+                )
+        ledger.record_shares(
+            ctx.expert_id,
+            cycle_key or f"cycle-{ctx.cycle}",
+            shares,
+            by_contributor,
+            expert_version=digest or "",
+        )
+    return CycleOutcome(
+        decisions=decisions,
+        batch_indices=current_loss.batch_indices,
+        current_loss=current_loss,
+        reports=reports,
+        scores=scores,
+        weights=weights,
+        shares=shares,
+        adapter=adapter,
+        adapter_sha256=digest,
+        new_loss=new_loss,
+        improved=improved,
+        note=note,
+        momentum_state=momentum,
+    )
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def to_json(outcome: CycleOutcome) -> dict[str, Any]:
+    """A JSON-ready summary for MLflow (per-batch losses kept for audit; no tensors)."""
+    return {
+        "improved": outcome.improved,
+        "note": outcome.note,
+        "adapter_sha256": outcome.adapter_sha256,
+        "batch_indices": outcome.batch_indices,
+        "current_loss": outcome.current_loss.to_json(),
+        "new_loss": outcome.new_loss.to_json(),
+        "candidates": [
+            {
+                **d.to_json(),
+                "score": _num(score),
+                "weight": weight,
+                "loss": report.to_json() if report else None,
+            }
+            for d, report, score, weight in zip(
+                outcome.decisions, outcome.reports, outcome.scores, outcome.weights, strict=True
+            )
+        ],
+        "shares": {c: str(s) for c, s in sorted(outcome.shares.items())},
+    }
