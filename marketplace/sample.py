@@ -26,6 +26,7 @@ from factory.expert import (
     save_expert,
 )
 from factory.hashing import tensors_sha256
+from factory.ledger import Ledger
 from infra.atomic import verify_committed
 from marketplace.catalog import BenchmarkRow, CatalogEntry, Price, StaticCatalog
 
@@ -121,3 +122,13 @@ def sample_catalog(
         entries.append(sample_entry(base, name, domain, seed, cycles))
         folders[(name, "1")] = target
     return StaticCatalog(entries, folders)
+
+
+def record_sample_shares(ledger: Ledger, catalog: StaticCatalog) -> None:
+    """Records each sample entry's contributors as its champion's shares (idempotent)."""
+    for entry in catalog.entries():
+        for contributor in entry.contributors:
+            # sample contributors sign nothing; the placeholder key only satisfies the table
+            ledger.register_contributor(contributor, "sample", kind="external")
+        shares = {who: Decimal(share) for who, share in entry.contributors.items()}
+        ledger.record_shares(entry.name, "sample", shares, {}, expert_version=entry.champion)
