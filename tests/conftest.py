@@ -99,3 +99,92 @@ def s3_endpoint():
     yield url
     server.terminate()
     server.wait(timeout=10)
+
+
+def build_tiny_expert(base, folder: Path, domain: str = "legal", seed: int = 0, steps: int = 8):
+    """A LoRA expert on the tiny base, trained a few plain-torch steps so it differs from it."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from factory.base_model import load_base
+    from factory.expert import LORA_TARGETS, Expert, ExpertManifest, lora_config_dict, save_expert
+    from factory.hashing import tensors_sha256
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_base(base.path)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
+    )
+    text = "The licensee shall indemnify the licensor against every claim. " * 8
+    batch = tokenizer([text], return_tensors="pt")["input_ids"][:, :64]
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(steps):
+        peft_model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    config = model.config
+    manifest = ExpertManifest(
+        expert_id=f"expert-{domain}",
+        domain=domain,
+        version=1,
+        base_model=base.name,
+        base_model_sha256=base.sha256,
+        adapter_sha256=tensors_sha256(adapter),
+        rank=4,
+        lora_alpha=8.0,
+        target_modules=sorted(LORA_TARGETS),
+        num_layers=config.num_hidden_layers,
+        provenance={"seed": seed},
+    )
+    generator = torch.Generator().manual_seed(seed)
+    router = torch.randn(config.num_hidden_layers, config.hidden_size, generator=generator)
+    expert = Expert(manifest, adapter, lora_config_dict(4, 8.0), router)
+    return save_expert(folder, expert, overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_expert_folder(tiny_base, tmp_path_factory):
+    """A trained tiny LoRA expert folder (domain 'legal') on the tiny base."""
+    return build_tiny_expert(tiny_base, tmp_path_factory.mktemp("experts") / "expert-legal")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint, tmp_path_factory):
+    """``mlflow server`` on SQLite with artifacts proxied to a bucket on moto's S3; yields URL."""
+    import boto3
+
+    from infra.services import start_mlflow_server
+
+    bucket = "taas-mlflow-test"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    handle = start_mlflow_server(
+        f"sqlite:///{folder / 'mlflow.db'}",
+        f"s3://{bucket}/artifacts",
+        free_port(),
+        env={"MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+        log_path=folder / "server.log",
+    )
+    yield handle.url
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tiny_base, tmp_path_factory):
+    """A prepared data folder (``train/`` with an "input_ids" column of 64-token blocks) made
+    by tokenizing standard-library docstrings with the tiny base's tokenizer."""
+    from datasets import Dataset
+
+    from factory.base_model import load_base
+    from factory.corpus import general_text
+
+    _, tokenizer = load_base(tiny_base.path)
+    flat: list[int] = []
+    for text in general_text(max_chars=60_000):
+        flat.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+    seq_len = 64
+    blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)][:256]
+    folder = tmp_path_factory.mktemp("prepared") / "data"
+    Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(folder / "train"))
+    return folder
