@@ -1,0 +1,131 @@
+"""``taas marketplace``: serve the marketplace, print revenue statements and readiness.
+
+    taas marketplace serve [--host 127.0.0.1 --port 8000] [--sample N]
+    taas marketplace statement CONTRIBUTOR [--period YYYY-MM] [--link-base http://host:port]
+    taas marketplace readiness [--min-domains 20 --min-cycles 3]
+
+``serve`` reads the expert library (MLflow registry under the settings); ``--sample N`` serves N
+sample experts on the embedded base model instead. The HMAC secret for sessions and download
+links comes from ``TAAS_MARKETPLACE_SECRET`` or is created once under ``<home>/marketplace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+SAMPLE_DOMAINS = [
+    "law", "medicine", "finance", "tax", "chemistry", "biology", "physics", "insurance",
+    "logistics", "energy", "retail", "security", "hr", "education", "agriculture", "aviation",
+    "maritime", "telecom", "mining", "pharma", "real-estate", "gaming",
+]  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("marketplace", help="the expert marketplace")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the web app and the buyer API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--sample", type=int, default=0, help="serve N sample experts")
+    serve.add_argument("--min-domains", type=int, default=20)
+    serve.add_argument("--min-cycles", type=int, default=3)
+    serve.set_defaults(handler=_serve)
+    statement = sub.add_parser("statement", help="a contributor's revenue statement")
+    statement.add_argument("contributor")
+    statement.add_argument("--period", default=None, help="YYYY-MM; default all time")
+    statement.add_argument("--link-base", default=None, help="also print a signed page link")
+    statement.set_defaults(handler=_statement)
+    ready = sub.add_parser("readiness", help="whether the library meets the opening threshold")
+    ready.add_argument("--sample", type=int, default=0)
+    ready.add_argument("--min-domains", type=int, default=20)
+    ready.add_argument("--min-cycles", type=int, default=3)
+    ready.set_defaults(handler=_readiness)
+
+
+def _secret(home: Path) -> str:
+    from_env = os.environ.get("TAAS_MARKETPLACE_SECRET")
+    if from_env:
+        return from_env
+    from infra.atomic import atomic_write_text
+
+    path = home / "marketplace" / "secret"
+    if not path.exists():
+        atomic_write_text(path, secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def build_market(args: argparse.Namespace):
+    from factory.base_model import ensure_base_model
+    from factory.ledger import Ledger
+    from factory.licensing import Licensing
+    from infra.settings import get_settings
+    from marketplace.market import Market, MarketplaceConfig
+
+    settings = get_settings()
+    home = settings.ensure_home()
+    ledger = Ledger(settings.db_url)
+    if getattr(args, "sample", 0):
+        if not 1 <= args.sample <= len(SAMPLE_DOMAINS):
+            raise ValueError(f"--sample: give 1 to {len(SAMPLE_DOMAINS)} experts")
+        from marketplace.sample import record_sample_shares, sample_catalog
+
+        base = ensure_base_model(settings.base_model_dir or home, "tiny")
+        catalog = sample_catalog(
+            base, home / "marketplace" / "sample", SAMPLE_DOMAINS[: args.sample]
+        )
+        record_sample_shares(ledger, catalog)
+        base_path = base.path
+    else:
+        from marketplace.catalog import library_catalog
+
+        catalog = library_catalog(settings)
+        base_path = settings.base_model_dir or ensure_base_model(home, "demo").path
+    config = MarketplaceConfig(
+        secret=_secret(home),
+        base_model_path=base_path,
+        min_domains=getattr(args, "min_domains", 20),
+        min_cycles=getattr(args, "min_cycles", 3),
+    )
+    return Market(config, catalog, Licensing(ledger))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from marketplace.app import create_app
+
+    market = build_market(args)
+    print(f"[marketplace] {market.readiness().summary}")
+    uvicorn.run(create_app(market), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _statement(args: argparse.Namespace) -> int:
+    from factory.ledger import Ledger
+    from factory.licensing import Licensing
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    statement = Licensing(Ledger(settings.db_url)).statement(args.contributor, args.period)
+    print(json.dumps(statement, indent=2))
+    if args.link_base:
+        from marketplace.auth import sign_link
+
+        secret = _secret(settings.ensure_home()).encode("utf-8")
+        link = sign_link(secret, f"/statements/{args.contributor}", int(time.time()) + 3600)
+        print(args.link_base.rstrip("/") + link)
+    return 0
+
+
+def _readiness(args: argparse.Namespace) -> int:
+    ready = build_market(args).readiness()
+    print(
+        json.dumps({"open": ready.open, "summary": ready.summary, "short": ready.short}, indent=2)
+    )
+    return 0
