@@ -1,0 +1,1 @@
+"""Commission data: URIs, sources, quality checks, split, contamination, packing, prepare."""

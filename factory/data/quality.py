@@ -1,0 +1,86 @@
+"""Row quality checks and their report: what was dropped, what was only flagged, and examples.
+
+Checks, in order, on each row's text with surrounding whitespace stripped:
+
+- ``non_utf8``: a line of a line-based file that is not UTF-8 (noted while reading; dropped);
+- ``empty``: nothing left after stripping (dropped);
+- ``too_short``: fewer than ``min_chars`` characters (dropped);
+- ``duplicate``: the exact text of an earlier kept row (dropped; the first occurrence stays);
+- ``duplicate_prefix``: the first 64 characters equal those of an earlier kept row (reported only,
+  since shared boilerplate openings are common in legitimate data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+CHECKS = ("non_utf8", "empty", "too_short", "duplicate", "duplicate_prefix")
+DROPPING = ("non_utf8", "empty", "too_short", "duplicate")
+PREFIX_CHARS = 64
+MAX_EXAMPLES = 3
+EXAMPLE_CHARS = 80
+
+
+@dataclass
+class QualityReport:
+    """Counts per check, up to :data:`MAX_EXAMPLES` short examples each, rows in and kept."""
+
+    rows_in: int = 0
+    rows_kept: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
+    examples: dict[str, list[str]] = field(default_factory=lambda: {c: [] for c in CHECKS})
+
+    def note(self, check: str, example: str) -> None:
+        assert check in CHECKS, check
+        self.counts[check] += 1
+        if len(self.examples[check]) < MAX_EXAMPLES:
+            self.examples[check].append(example[:EXAMPLE_CHARS])
+
+    @property
+    def rows_dropped(self) -> int:
+        return sum(self.counts[c] for c in DROPPING)
+
+    def to_dict(self) -> dict:
+        return {
+            "rows_in": self.rows_in,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": self.rows_dropped,
+            "checks": {c: {"count": self.counts[c], "examples": self.examples[c]} for c in CHECKS},
+        }
+
+    def summary(self) -> str:
+        """One line, e.g. ``empty: 2, too_short: 1, duplicate: 3`` (checks with hits only)."""
+        hits = [f"{c}: {self.counts[c]}" for c in CHECKS if self.counts[c]]
+        return ", ".join(hits) or "no findings"
+
+
+def clean_rows(
+    rows: Iterable[tuple[int, str]], min_chars: int, report: QualityReport
+) -> list[tuple[int, str]]:
+    """Applies the checks to (source_index, text) rows; returns the kept rows, stripped."""
+    seen_rows: set[bytes] = set()
+    seen_prefixes: set[str] = set()
+    kept = []
+    for source_index, raw in rows:
+        report.rows_in += 1
+        text = raw.strip()
+        if not text:
+            report.note("empty", repr(raw))
+            continue
+        if len(text) < min_chars:
+            report.note("too_short", text)
+            continue
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in seen_rows:
+            report.note("duplicate", text)
+            continue
+        seen_rows.add(digest)
+        prefix = text[:PREFIX_CHARS]
+        if len(text) >= PREFIX_CHARS and prefix in seen_prefixes:
+            report.note("duplicate_prefix", text)
+        seen_prefixes.add(prefix)
+        kept.append((source_index, text))
+    report.rows_kept = len(kept)
+    return kept
