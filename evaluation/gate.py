@@ -19,8 +19,9 @@ reason from :class:`Reason`; the checks run in this order and the first failure 
 9. ``non_finite``: a NaN or inf in any tensor;
 10. ``duplicate`` (:func:`screen_candidates`, across candidates in arrival order, the first keeps
     its place): the same adapter sha256, or cosine > ``near_duplicate_cosine`` between the
-    flattened deltas (candidate - current) of two candidates; and after scoring
-    (:func:`screen_losses`) exactly the same held-out loss as an earlier accepted candidate.
+    flattened effective weight deltas (candidate - current, see :func:`delta_cosine`); and
+    after scoring (:func:`screen_losses`) exactly the same held-out loss as an earlier accepted
+    candidate.
 
 An OSError other than a missing file is the factory's own failure (it staged the files) and is
 raised, never recorded against the contributor. The candidate's adapter_config.json is not
@@ -44,6 +45,7 @@ from pydantic import ValidationError
 from factory.candidate import CandidateFiles, CandidateManifest
 from factory.hashing import tensors_sha256
 from factory.signing import verify
+from merging.lora_algebra import effective_deltas
 
 Adapter = dict[str, torch.Tensor]
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -78,6 +80,7 @@ class GateContext:
     deadline: datetime
     keys: PublicKeys
     reference_shapes: dict[str, tuple[int, ...]]
+    adapter_config: dict
     current_adapter: Adapter | None = None
     reference_dtype: torch.dtype = torch.float32
     near_duplicate_cosine: float = 0.99
@@ -248,13 +251,21 @@ def check_candidate(files: CandidateFiles, ctx: GateContext) -> GateDecision:
     )
 
 
-def delta_cosine(a: Adapter, b: Adapter, current: Adapter | None) -> float:
-    """Cosine between the flattened deltas (a - current) and (b - current); 0 if one is zero."""
+def delta_cosine(a: Adapter, b: Adapter, current: Adapter | None, adapter_config: dict) -> float:
+    """Cosine between the flattened effective deltas of a and b relative to current.
+
+    For each module the effective weight delta ``s * (B_a @ A_a - B_cur @ A_cur)`` is used rather
+    than the raw A/B differences: in cycle 1 every candidate starts from the same seeded A, which
+    would make raw parameter deltas look alike, and a copy with B scaled by c and A by 1/c would
+    hide from a parameter-space cosine. 0 when one delta is zero.
+    """
+    delta_a, delta_b = effective_deltas(a, adapter_config), effective_deltas(b, adapter_config)
+    base = effective_deltas(current, adapter_config) if current is not None else {}
     dot = norm_a = norm_b = 0.0
-    for key in sorted(a):
-        da, db = a[key].double(), b[key].double()
-        if current is not None:
-            da, db = da - current[key].double(), db - current[key].double()
+    for prefix in sorted(delta_a):
+        da, db = delta_a[prefix], delta_b[prefix]
+        if prefix in base:
+            da, db = da - base[prefix], db - base[prefix]
         dot += float((da * db).sum())
         norm_a += float((da * da).sum())
         norm_b += float((db * db).sum())
@@ -279,7 +290,9 @@ def screen_candidates(candidates: list[CandidateFiles], ctx: GateContext) -> lis
                 if earlier.adapter_sha256 == decision.adapter_sha256:
                     decision = _reject(decision, f"same sha256 as {earlier.candidate_id}")
                     break
-                cosine = delta_cosine(earlier.adapter, decision.adapter, ctx.current_adapter)
+                cosine = delta_cosine(
+                    earlier.adapter, decision.adapter, ctx.current_adapter, ctx.adapter_config
+                )
                 if cosine > ctx.near_duplicate_cosine:
                     detail = f"delta cosine {cosine:.4f} with {earlier.candidate_id}"
                     decision = _reject(decision, detail)
