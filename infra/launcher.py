@@ -1,0 +1,295 @@
+"""The distributed launcher: runs a training worker under torchrun or DeepSpeed as a killable job.
+
+:func:`launch` starts ``torchrun`` (``python -m torch.distributed.run``) or the ``deepspeed``
+launcher in its own process group (``start_new_session=True``), streams its merged stdout/stderr
+into a log file, parses ``TAAS_METRIC`` / ``TAAS_EVENT`` / ``TAAS_OUTCOME`` lines, and on timeout or
+cancellation (a ``cancel`` event, KeyboardInterrupt, asyncio's CancelledError, Prefect's
+cancellation) kills the whole job: SIGTERM, then SIGKILL after a grace period, to the process
+group and to every descendant (torchrun puts its ranks in sessions of their own), then verifies
+that none survives.
+
+Outcomes: ``ok``; ``final`` when the worker says the input is at fault (``bad_config``,
+``non_finite_loss``: retrying would fail the same way); ``retryable`` for everything else (a
+lost rank, a signal, a timeout): infrastructure failures never count against a contributor.
+
+Multi-node: pass ``launcher="deepspeed"`` and a DeepSpeed hostfile, one line per node::
+
+    node-a slots=8
+    node-b slots=8
+
+The launcher host must reach the nodes by passwordless ssh (pdsh), every node needs the same
+virtual environment and repository path, and the line's data, base model and checkpoint folders
+must be on a shared file system (each rank writes its optimizer shard into the checkpoint). The
+hostfile is validated first: host names only (no shell metacharacters), ``slots`` a positive int.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+EXIT_BAD_CONFIG = 64  # same values as factory.train (infra must not import factory)
+EXIT_NON_FINITE = 65
+FINAL_REASONS = ("bad_config", "non_finite_loss")
+_HOST_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s+slots=([1-9][0-9]*)$")
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    outcome: Literal["ok", "retryable", "final"]
+    reason: str
+    metrics: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)  # the worker's TAAS_OUTCOME line
+
+
+def validate_hostfile(path: Path) -> dict[str, int]:
+    """Returns {host: slots}; ValueError naming the line for anything else."""
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _HOST_LINE.match(line)
+        if not match:
+            raise ValueError(
+                f"hostfile line {number}: {line!r}: expected 'host slots=N' "
+                "(host: letters, digits, '.', '_', '-')"
+            )
+        if match.group(1) in hosts:
+            raise ValueError(f"hostfile line {number}: host {match.group(1)} listed twice")
+        hosts[match.group(1)] = int(match.group(2))
+    if not hosts:
+        raise ValueError(f"hostfile {path}: no hosts; add lines 'host slots=N'")
+    return hosts
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_command(
+    worker_module: str,
+    worker_args: list[str],
+    nprocs: int,
+    launcher: str,
+    hostfile: Path | None = None,
+) -> list[str]:
+    """The launcher command line for ``python -m <worker_module> <worker_args>``."""
+    if nprocs < 1:
+        raise ValueError("nprocs must be >= 1")
+    port = str(free_port())
+    if launcher == "torchrun":
+        if hostfile is not None:
+            raise ValueError("hostfile: only the deepspeed launcher takes one; set launcher")
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", str(nprocs), "--master-addr", "127.0.0.1",
+            "--master-port", port, "--max-restarts", "0", "-m", worker_module, *worker_args,
+        ]  # fmt: skip
+    if launcher == "deepspeed":
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", port]
+        if hostfile is not None:
+            validate_hostfile(hostfile)
+            command += ["--hostfile", str(hostfile)]
+        else:
+            # On CPU the deepspeed launcher starts one rank unless told how many.
+            command += ["--num_gpus", str(nprocs)]
+        return [*command, "--no_local_rank", "--module", worker_module, *worker_args]
+    raise ValueError(f"launcher: {launcher!r}; use 'torchrun' or 'deepspeed'")
+
+
+class Job:
+    """One running launcher process group; ``kill`` takes down every process it started."""
+
+    def __init__(self, command: list[str], env: dict[str, str] | None, log_path: Path | None):
+        self.log_path = Path(log_path) if log_path else None
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            command,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            bufsize=1,
+        )
+        self.pgid = self.proc.pid
+        self._seen: set[int] = {self.proc.pid}
+
+    def descendants(self) -> set[int]:
+        """Every pid started by the job so far (remembered, as ranks get re-parented)."""
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+            self._seen.update(c.pid for c in children)
+        except psutil.NoSuchProcess:
+            pass
+        return set(self._seen)
+
+    def alive(self) -> list[int]:
+        living = []
+        for pid in self.descendants():
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    living.append(pid)
+            except psutil.NoSuchProcess:
+                continue
+        try:
+            for proc in psutil.process_iter(["pid"]):
+                if proc.pid not in living and os.getpgid(proc.pid) == self.pgid:
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        living.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+        return living
+
+    def signal_all(self, sig: int) -> None:
+        pids = self.descendants()
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+    def kill(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``; raises if any process of the job survives."""
+        self.descendants()
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self.alive():
+            self._reap()
+            time.sleep(0.05)
+        if self.alive():
+            self.signal_all(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self._reap()
+            if not self.alive():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"launcher: processes {self.alive()} of job {self.pgid} survived")
+
+    def _reap(self) -> None:
+        try:
+            self.proc.wait(timeout=0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _parse(line: str) -> tuple[str, dict] | None:
+    for kind in ("TAAS_METRIC", "TAAS_EVENT", "TAAS_OUTCOME"):
+        if line.startswith(kind + " ") or f"] {kind} " in line:
+            try:
+                return kind, json.loads(line.split(kind + " ", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def launch(
+    worker_args: list[str],
+    nprocs: int,
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun",
+    hostfile: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 3600.0,
+    on_metric: Callable[[dict], None] | None = None,
+    log_path: Path | None = None,
+    worker_module: str = "factory.train",
+    cancel: threading.Event | None = None,
+    on_start: Callable[[Job], None] | None = None,
+    grace_s: float = 5.0,
+) -> LaunchResult:
+    """Runs ``python -m worker_module worker_args`` on ``nprocs`` ranks and waits for it."""
+    command = build_command(worker_module, worker_args, nprocs, launcher, hostfile)
+    job = Job(command, env, log_path)
+    result = LaunchResult(returncode=-1, outcome="retryable", reason="")
+    reader = threading.Thread(target=_pump, args=(job, result, on_metric), daemon=True)
+    reader.start()
+    if on_start is not None:
+        on_start(job)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while job.proc.poll() is None:
+            job.descendants()
+            if time.monotonic() > deadline:
+                job.kill(grace_s)
+                result.reason = "timeout"
+                break
+            if cancel is not None and cancel.is_set():
+                job.kill(grace_s)
+                result.reason = "cancelled"
+                break
+            time.sleep(0.1)
+    except BaseException:
+        # KeyboardInterrupt, CancelledError, Prefect's cancellation: never leave ranks behind.
+        job.kill(grace_s)
+        raise
+    reader.join(timeout=10)
+    if job.alive():
+        job.kill(grace_s)  # a rank outliving its launcher is a lost worker, not a success
+    result.returncode = job.proc.wait()
+    return _classify(result)
+
+
+def _pump(job: Job, result: LaunchResult, on_metric) -> None:
+    log = open(job.log_path, "a", buffering=1) if job.log_path else None
+    try:
+        for line in job.proc.stdout:
+            if log is not None:
+                log.write(line)
+            parsed = _parse(line.rstrip("\n"))
+            if parsed is None:
+                continue
+            kind, payload = parsed
+            if kind == "TAAS_METRIC":
+                result.metrics.append(payload)
+                if on_metric is not None:
+                    on_metric(payload)
+            elif kind == "TAAS_EVENT":
+                result.events.append(payload)
+            else:
+                result.report = payload
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _classify(result: LaunchResult) -> LaunchResult:
+    reported = result.report.get("reason", "")
+    if result.reason in ("timeout", "cancelled"):
+        result.outcome = "retryable"
+    elif result.returncode == 0 and result.report.get("outcome") == "ok":
+        result.outcome, result.reason = "ok", ""
+    elif reported in FINAL_REASONS or result.returncode in (EXIT_BAD_CONFIG, EXIT_NON_FINITE):
+        # torchrun exits 1 whatever the rank's code was, so the worker's own report decides.
+        result.outcome = "final"
+        result.reason = reported or (
+            "bad_config" if result.returncode == EXIT_BAD_CONFIG else "non_finite_loss"
+        )
+    else:
+        result.outcome = "retryable"
+        result.reason = "signal" if result.returncode < 0 else "worker_lost"
+    return result
