@@ -1,0 +1,100 @@
+"""``taas generate``: try a routed mixture of experts on a prompt and see which expert wrote what.
+
+    taas generate --experts legal-v3,/path/to/expert --prompt "..." [--max-new-tokens N]
+
+Each ``--experts`` item is an expert name resolved through the library (when the library module
+is installed) or else an expert folder. The base model is ``--base``, else the settings'
+``base_model_dir``, else the embedded preset whose name the experts' manifests carry; its hash
+must match theirs. Prints the generated text, then one line per token: the token and its route.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _library_resolver() -> Callable[[str], Path] | None:
+    try:
+        from factory.library import resolve_expert_folder
+    except ImportError:  # the library is optional here: plain folders still work
+        return None
+    return resolve_expert_folder
+
+
+def resolve_folders(values: list[str], resolver: Callable[[str], Path] | None = None) -> list[Path]:
+    """Expert folders for names or paths; a name the resolver knows wins over a relative path."""
+    resolver = resolver if resolver is not None else _library_resolver()
+    folders = []
+    for value in values:
+        folder, why = None, "no library lookup available"
+        if resolver is not None and not Path(value).is_dir():
+            try:
+                folder = Path(resolver(value))
+            except Exception as exc:  # noqa: BLE001 - any lookup failure falls back to a path
+                why = f"library lookup: {type(exc).__name__}: {exc}"
+        folder = folder or Path(value)
+        if not folder.is_dir():
+            raise ValueError(
+                f"--experts: {value!r} is neither a library expert nor a folder ({why})"
+            )
+        folders.append(folder)
+    return folders
+
+
+def _base_folder(explicit: Path | None, manifests) -> Path:
+    from factory.base_model import PRESETS, base_model_sha256, ensure_base_model
+    from infra.settings import get_settings
+
+    wanted = {m.base_model_sha256 for m in manifests}
+    if len(wanted) != 1:
+        raise ValueError("--experts: the experts were trained on different base models")
+    settings = get_settings()
+    folder = explicit or settings.base_model_dir
+    if folder is None:
+        names = {m.base_model for m in manifests}
+        presets = [key for key, preset in PRESETS.items() if preset.name in names]
+        if not presets:
+            raise ValueError(f"--base: no embedded preset named {sorted(names)}; pass --base")
+        folder = ensure_base_model(settings.ensure_home(), presets[0]).path
+    if base_model_sha256(Path(folder)) not in wanted:
+        raise ValueError(f"--base: {folder} is not the base model the experts were trained on")
+    return Path(folder)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from factory.base_model import load_base
+    from factory.expert import load_expert
+    from factory.mixture import MixtureModel, generate_with_routes
+
+    names = [v.strip() for v in args.experts.split(",") if v.strip()]
+    if not names:
+        raise ValueError("--experts: give at least one expert name or folder")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    experts = [load_expert(f) for f in resolve_folders(names)]
+    base, tokenizer = load_base(_base_folder(args.base, [e.manifest for e in experts]))
+    mixture = MixtureModel.from_experts(base.eval(), experts, top_k=args.top_k)
+    torch.manual_seed(args.seed)
+    text, routed = generate_with_routes(
+        mixture, tokenizer, args.prompt, args.max_new_tokens, greedy=not args.sample, seed=args.seed
+    )
+    print(args.prompt + text)
+    for token, route in routed:
+        print(f"{token!r}\t{route}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate with a routed mixture of experts")
+    parser.add_argument("--experts", required=True, help="comma-separated names or folders")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--base", type=Path, default=None, help="base model folder")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run_generate)

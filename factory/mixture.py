@@ -1,0 +1,356 @@
+"""The routed expert mixture: a base causal LM + E LoRA experts + one token-level router per layer.
+
+Shape suffixes: N tokens (batch x time flattened), B batch, T time, H hidden size, D a
+projection's input size, O its output size, E experts, R the largest LoRA rank, K routes kept,
+L decoder layers.
+
+Routing at decoder layer ``l`` is computed once from the MLP input ``x_NH`` (the hidden state after
+the post-attention norm) and shared by the layer's three projections:
+
+    expert_logits_NE = x_NH @ router_rows[l]^T          (row e = expert e's router row at layer l)
+    null_logit_N     = x_NH @ null_rows[l] + null_bias[l]   (the "base only" route)
+    probs_N(E+1)     = softmax([expert_logits, null_logit] / temperature)
+    chosen = top-k of probs (k = min(top_k, E+1)); weights = probs[chosen] / sum(probs[chosen])
+
+The null route is a learnable per-layer row and bias owned by the mixture (not by any expert);
+both start at zero and are trained by router annealing. Each projection P in gate/up/down becomes
+
+    out = W_P x_P + sum_{e in chosen, e != null} weight_e * scaling_e * B_e A_e x_P
+
+where x_P is the projection's own input (the down projection reads the activated product) and
+scaling_e = lora_alpha / r (alpha / sqrt(r) for rsLoRA). Experts' LoRA factors are stacked once per
+add/remove into [L, E, R, D] / [L, E, O, R] tensors (ranks zero-padded, scaling folded into B);
+a forward gathers only the K chosen experts' factors per token, so the cost per token does not
+grow with E. The base model's own modules are left untouched: the routed MLPs are swapped in for
+the duration of each forward only, so several mixtures may share one base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from factory.expert import LORA_TARGETS, Expert, load_expert, parse_adapter_key
+
+BASE_ROUTE = "base"
+
+
+@dataclass
+class LayerRouting:
+    """One decoder layer's routing for one forward call."""
+
+    layer: int
+    route_ids_BTK: torch.Tensor  # index into MixtureModel.expert_ids; -1 is the null (base) route
+    weights_BTK: torch.Tensor  # renormalized over the chosen routes: sums to 1 per token
+    probs_BTR: torch.Tensor  # full softmax over E + 1 routes, the null route last
+
+
+def lora_scaling(adapter_config: dict) -> float:
+    """The factor PEFT applies to B A x: lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA."""
+    rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+
+
+def routed_lora_delta(
+    x_ND: torch.Tensor, route_ids_NK: torch.Tensor, weights_NK: torch.Tensor, a_ERD, b_EOR
+) -> torch.Tensor:
+    """sum_k weights[n, k] * B[ids[n, k]] A[ids[n, k]] x[n], gathering only the chosen factors."""
+    h_NKR = torch.einsum("nkrd,nd->nkr", a_ERD[route_ids_NK], x_ND) * weights_NK.unsqueeze(-1)
+    return torch.einsum("nkor,nkr->no", b_EOR[route_ids_NK], h_NKR)
+
+
+def majority_route(trace: Sequence[LayerRouting]) -> torch.Tensor:
+    """Per token [B, T]: the top-1 route chosen by most layers (-1 = base); ties go to the route
+    with the larger mean probability over layers."""
+    probs_LBTR = torch.stack([r.probs_BTR for r in trace])
+    num_routes = probs_LBTR.shape[-1]
+    top1_LBT = torch.stack([r.route_ids_BTK[..., 0] for r in trace]) % num_routes
+    votes_BTR = nn.functional.one_hot(top1_LBT, num_routes).sum(0).to(probs_LBTR.dtype)
+    best_BT = (votes_BTR + 0.5 * probs_LBTR.mean(0)).argmax(-1)
+    return torch.where(best_BT == num_routes - 1, -1, best_BT)
+
+
+class _RoutedMLP(nn.Module):
+    """Stands in for one decoder layer's MLP during a mixture forward."""
+
+    def __init__(self, mixture: MixtureModel, layer: int, mlp: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_mixture", mixture)  # not a submodule: avoids a module cycle
+        self.layer = layer
+        self.mlp = mlp
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        return self._mixture._mlp_forward(self.layer, self.mlp, x_BTH)
+
+
+class MixtureModel(nn.Module):
+    """A base causal LM with routed LoRA experts; see the module docstring for the math."""
+
+    def __init__(self, base_model: nn.Module, top_k: int = 2, temperature: float = 1.0):
+        super().__init__()
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        base_model.requires_grad_(False)
+        self.base_model = base_model
+        config = base_model.config
+        self.num_layers, self.hidden_size = config.num_hidden_layers, config.hidden_size
+        self.top_k, self.temperature = top_k, float(temperature)
+        self.experts: list[Expert] = []
+        param = next(base_model.parameters())
+        self.router_rows = nn.Parameter(param.new_zeros(self.num_layers, 0, self.hidden_size))
+        self.null_rows = nn.Parameter(param.new_zeros(self.num_layers, self.hidden_size))
+        self.null_bias = nn.Parameter(param.new_zeros(self.num_layers))
+        self._forced: int | None = None  # None: learned routing; -1: base only; e: expert e
+        self._trace: list[LayerRouting] | None = None
+        self._captured: list[list[torch.Tensor]] | None = None
+        self._restack()
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def from_experts(
+        cls, base_model: nn.Module, experts: Sequence[Expert], top_k: int = 2
+    ) -> MixtureModel:
+        mixture = cls(base_model, top_k=top_k)
+        for expert in experts:
+            mixture.add_expert(expert)
+        return mixture
+
+    @classmethod
+    def from_expert_folders(
+        cls, base_model: nn.Module, folders: Sequence[Path], top_k: int = 2
+    ) -> MixtureModel:
+        return cls.from_experts(base_model, [load_expert(Path(f)) for f in folders], top_k)
+
+    @property
+    def expert_ids(self) -> list[str]:
+        return [e.manifest.expert_id for e in self.experts]
+
+    def route_name(self, route_id: int) -> str:
+        return BASE_ROUTE if route_id < 0 else self.expert_ids[route_id]
+
+    def add_expert(self, expert: Expert, router_rows: torch.Tensor | None = None) -> None:
+        """Appends an expert and its router rows ([L, H]; default: the expert's own rows)."""
+        manifest = expert.manifest
+        if manifest.expert_id in self.expert_ids:
+            raise ValueError(f"expert_id {manifest.expert_id!r} is already in the mixture")
+        rows = expert.router if router_rows is None else router_rows
+        if tuple(rows.shape) != (self.num_layers, self.hidden_size):
+            raise ValueError(
+                f"router rows of {manifest.expert_id!r} have shape {tuple(rows.shape)}; "
+                f"expected [num_layers, hidden_size] = [{self.num_layers}, {self.hidden_size}]"
+            )
+        for key in expert.adapter:
+            layer, projection, _ = parse_adapter_key(key)
+            if layer >= self.num_layers or projection not in LORA_TARGETS:
+                raise ValueError(f"{manifest.expert_id}: adapter key {key} does not fit the base")
+        self.experts.append(expert)
+        rows = rows.detach().to(self.router_rows)
+        self.router_rows = nn.Parameter(torch.cat([self.router_rows.detach(), rows[:, None]], 1))
+        self._restack()
+
+    def remove_expert(self, expert_id: str) -> Expert:
+        """Removes an expert and its router rows; returns it."""
+        if expert_id not in self.expert_ids:
+            raise ValueError(f"expert_id {expert_id!r} is not in the mixture {self.expert_ids}")
+        index = self.expert_ids.index(expert_id)
+        keep = [i for i in range(len(self.experts)) if i != index]
+        removed = self.experts.pop(index)
+        self.router_rows = nn.Parameter(self.router_rows.detach()[:, keep].clone())
+        self._restack()
+        return removed
+
+    def copy(self) -> MixtureModel:
+        """A new mixture over the same (shared, frozen) base model with its own router tensors."""
+        twin = MixtureModel(self.base_model, top_k=self.top_k, temperature=self.temperature)
+        twin.experts = list(self.experts)
+        twin.router_rows = nn.Parameter(self.router_rows.detach().clone())
+        twin.load_null_route(self.null_route())
+        twin._restack()
+        return twin
+
+    def null_route(self) -> dict[str, torch.Tensor]:
+        return {
+            "null_rows": self.null_rows.detach().clone(),
+            "null_bias": self.null_bias.detach().clone(),
+        }
+
+    def load_null_route(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.null_rows.copy_(state["null_rows"])
+            self.null_bias.copy_(state["null_bias"])
+
+    def _restack(self) -> None:
+        """Stacks every expert's LoRA factors per projection: A [L,E,R,D], B*scaling [L,E,O,R]."""
+        param = next(self.base_model.parameters())
+        rank = max([int(e.adapter_config["r"]) for e in self.experts], default=1)
+        mlp = self._layers()[0].mlp
+        for projection in LORA_TARGETS:
+            linear = getattr(mlp, projection)
+            out_dim, in_dim = linear.weight.shape
+            a = param.new_zeros(self.num_layers, len(self.experts), rank, in_dim)
+            b = param.new_zeros(self.num_layers, len(self.experts), out_dim, rank)
+            for e, expert in enumerate(self.experts):
+                scaling = lora_scaling(expert.adapter_config)
+                for key, tensor in expert.adapter.items():
+                    layer, proj, part = parse_adapter_key(key)
+                    if proj != projection:
+                        continue
+                    if part == "A":
+                        a[layer, e, : tensor.shape[0]] = tensor.to(param)
+                    else:
+                        b[layer, e, :, : tensor.shape[1]] = tensor.to(param) * scaling
+            self.register_buffer(f"lora_A_{projection}", a, persistent=False)
+            self.register_buffer(f"lora_B_{projection}", b, persistent=False)
+
+    def _layers(self) -> nn.ModuleList:
+        return self.base_model.get_decoder().layers
+
+    # ----- routing ------------------------------------------------------------------------
+    @contextmanager
+    def forced_route(self, route: str) -> Iterator[MixtureModel]:
+        """Within the block every token takes one route with weight 1: an expert id or "base"."""
+        if route != BASE_ROUTE and route not in self.expert_ids:
+            raise ValueError(f"route {route!r}: use 'base' or one of {self.expert_ids}")
+        previous = self._forced
+        self._forced = -1 if route == BASE_ROUTE else self.expert_ids.index(route)
+        try:
+            yield self
+        finally:
+            self._forced = previous
+
+    def route(self, layer: int, x_NH: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(route_ids_NK with -1 = null, weights_NK, probs_N(E+1)) for one layer's MLP input."""
+        num_experts = len(self.experts)
+        if self._forced is not None:
+            ids = x_NH.new_full((x_NH.shape[0], 1), self._forced, dtype=torch.long)
+            probs = x_NH.new_zeros(x_NH.shape[0], num_experts + 1)
+            probs[:, self._forced] = 1.0  # index -1 is the null column, last
+            return ids, torch.ones_like(ids, dtype=x_NH.dtype), probs
+        null_N1 = (x_NH @ self.null_rows[layer] + self.null_bias[layer]).unsqueeze(-1)
+        logits = torch.cat([x_NH @ self.router_rows[layer].T, null_N1], -1) / self.temperature
+        probs = logits.softmax(-1)
+        top_p, top_ids = probs.topk(min(self.top_k, num_experts + 1), dim=-1)
+        weights = top_p / top_p.sum(-1, keepdim=True)
+        return torch.where(top_ids == num_experts, -1, top_ids), weights, probs
+
+    def _mlp_forward(self, layer: int, mlp: nn.Module, x_BTH: torch.Tensor) -> torch.Tensor:
+        lead = x_BTH.shape[:-1]
+        x_NH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        if self._captured is not None:
+            self._captured[layer].append(x_NH.detach())
+        ids_NK, weights_NK, probs = self.route(layer, x_NH)
+        if self._trace is not None:
+            self._trace.append(
+                LayerRouting(
+                    layer,
+                    ids_NK.view(*lead, -1),
+                    weights_NK.detach().view(*lead, -1),
+                    probs.detach().view(*lead, -1),
+                )
+            )
+        if not self.experts or self._forced == -1:
+            return mlp(x_BTH)
+        # The null route carries no factors: weight 0 on any expert's (gathered) factors.
+        is_null = ids_NK < 0
+        ids_NK, weights_NK = ids_NK.clamp(min=0), weights_NK.masked_fill(is_null, 0.0)
+
+        def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+            a, b = getattr(self, f"lora_A_{name}")[layer], getattr(self, f"lora_B_{name}")[layer]
+            return getattr(mlp, name)(inputs) + routed_lora_delta(inputs, ids_NK, weights_NK, a, b)
+
+        hidden = mlp.act_fn(project("gate_proj", x_NH)) * project("up_proj", x_NH)
+        return project("down_proj", hidden).view(*lead, -1)
+
+    # ----- forward ------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, return_routing: bool = False, **kwargs):
+        """The base model's forward with routed MLPs; with ``return_routing`` also the list of
+        :class:`LayerRouting` (one per layer, in layer order)."""
+        layers = self._layers()
+        originals = [layer.mlp for layer in layers]
+        self._trace = [] if return_routing else None
+        try:
+            for index, layer in enumerate(layers):
+                layer.mlp = _RoutedMLP(self, index, originals[index])
+            output = self.base_model(input_ids=input_ids, **kwargs)
+        finally:
+            for layer, mlp in zip(layers, originals, strict=True):
+                layer.mlp = mlp
+            trace, self._trace = self._trace, None
+        return (output, trace) if return_routing else output
+
+    @torch.no_grad()
+    def mlp_inputs(self, blocks_NT: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+        """Per layer, the MLP inputs of every token of ``blocks`` under the current routing."""
+        self._captured = [[] for _ in range(self.num_layers)]
+        try:
+            for start in range(0, blocks_NT.shape[0], batch_size):
+                self(blocks_NT[start : start + batch_size])
+            return [torch.cat(chunks) for chunks in self._captured]
+        finally:
+            self._captured = None
+
+    def lm_loss(self, blocks_NT: torch.Tensor, batch_size: int = 16) -> float:
+        """Mean next-token cross-entropy over every predicted position of ``blocks`` (no mask)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, blocks_NT.shape[0], batch_size):
+                batch = blocks_NT[start : start + batch_size]
+                logits = self(batch).logits[:, :-1].float()
+                targets = batch[:, 1:]
+                total += nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+                ).item()
+                count += targets.numel()
+        return total / max(count, 1)
+
+
+def generate_with_routes(
+    mixture: MixtureModel,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    greedy: bool = True,
+    seed: int = 0,
+) -> tuple[str, list[tuple[str, str]]]:
+    """Generates a continuation; returns (text, [(token string, route name)] per new token).
+
+    A token's route is the majority over layers of its top-1 route (``"base"`` for the null
+    route). The whole sequence is re-run each step (no cache): routing is per token and causal,
+    so earlier tokens' routes do not change, and the models this serves are small.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    routed: list[tuple[str, str]] = []
+    new_ids: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            output, trace = mixture(ids, return_routing=True)
+            logits = output.logits[0, -1].float()
+            if greedy:
+                next_id = int(logits.argmax())
+            else:
+                next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            # The route of the token that produced this prediction (the last position).
+            route = int(majority_route(trace)[0, -1])
+            new_ids.append(next_id)
+            routed.append((tokenizer.decode([next_id]), mixture.route_name(route)))
+            ids = torch.cat([ids, torch.tensor([[next_id]])], 1)
+            if next_id == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(new_ids), routed
+
+
+def clone_expert_with_rows(expert: Expert, rows: torch.Tensor) -> Expert:
+    """The same expert with other router rows (annealing output), manifest unchanged."""
+    twin = copy.copy(expert)
+    twin.router = rows.detach().clone()
+    return twin
