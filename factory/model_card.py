@@ -111,14 +111,16 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))
 ## As an expert of the routed mixture
 
 ```python
+import torch
 from factory.base_model import load_base
-from factory.expert import load_expert
-from factory import mixture
+from factory.mixture import MixtureModel
 
 base, tokenizer = load_base("{base_model_hint}")
-expert = load_expert("path/to/this/bundle")  # checks the adapter sha256 against expert.json
-# factory.mixture wraps each MLP projection with a token-level router over the experts
-# (see its module docstring for the exact constructor); the router rows come from the bundle.
-model = mixture.MixtureModel(base, [expert]) if hasattr(mixture, "MixtureModel") else None
+# Loads with factory.expert.load_expert, which checks the adapter sha256 against expert.json;
+# the expert's router rows route tokens to it, top-2 over the library's experts.
+model = MixtureModel.from_expert_folders(base, ["path/to/this/bundle"], top_k=2)
+ids = tokenizer("An example prompt", return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(ids).logits
 ```
 """

@@ -1,0 +1,127 @@
+"""``taas library``: browse, compare, export and roll back experts in the MLflow-backed library.
+
+    taas library list [--domain legal]
+    taas library show expert-legal [--version 3]
+    taas library compare expert-legal@1 expert-legal@champion
+    taas library lineage expert-legal
+    taas library export expert-legal [--version 3 | --alias champion] --dest ./bundle
+    taas library rollback expert-legal
+
+The store comes from settings (``TAAS_MLFLOW_TRACKING_URI`` etc., see :mod:`infra.settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _library():
+    from factory.library import ExpertLibrary
+    from infra.settings import get_settings
+
+    return ExpertLibrary(get_settings())
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    entries = _library().list(domain=args.domain)
+    if not entries:
+        print("no experts" + (f" in domain {args.domain}" if args.domain else ""))
+        return 0
+    print(f"{'name':32} {'version':>7} {'domain':16} {'aliases':20} benchmark")
+    for v in entries:
+        aliases = ",".join(v.aliases) or "-"
+        summary = v.tags.get("benchmark_summary", "") or "-"
+        print(f"{v.name:32} {v.version:>7} {v.domain:16} {aliases:20} {summary}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    v = _library().show(args.name, args.version)
+    shown = {"name": v.name, "version": v.version, "aliases": v.aliases, "run_id": v.run_id}
+    shown["source"] = v.source
+    shown["tags"] = dict(sorted(v.tags.items()))
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    result = _library().compare(args.a, args.b)
+    left, right = result["refs"]
+    print(f"| | {left} | {right} |")
+    print("|---|---|---|")
+    for key, (a, b) in result["benchmarks"].items():
+        print(f"| {key} | {_cell(a)} | {_cell(b)} |")
+    for key, (a, b) in result["provenance"].items():
+        print(f"| {key} | {_cell(a)} | {_cell(b)} |")
+    return 0
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    rows = _library().lineage(args.name)
+    if not rows:
+        raise ValueError(f"name: no expert '{args.name}' in the library; see `taas library list`")
+    print(f"{'version':>7} {'aliases':20} {'adapter':14} {'parent':14} {'cycles':>6} commission")
+    for row in rows:
+        aliases = ",".join(row["aliases"]) + (" (rolled back)" if row["rolled_back"] else "")
+        print(
+            f"{row['version']:>7} {aliases or '-':20} {row['adapter_sha256'][:12]:14} "
+            f"{row['parent_adapter_sha256'][:12] or '-':14} {row['cycles']:>6} "
+            f"{row['commission_id']}"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    ref = args.version or args.alias
+    dest = _library().export(args.name, ref, Path(args.dest))
+    print(dest)
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    v = _library().rollback(args.name)
+    print(f"{v.name}: champion is version {v.version} again")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("library", help="the expert library (MLflow registry)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="experts, their champion (or latest) version")
+    p.add_argument("--domain", default=None)
+    p.set_defaults(handler=_cmd_list)
+
+    p = sub.add_parser("show", help="one version with its provenance tags")
+    p.add_argument("name")
+    p.add_argument("--version", default=None, help="version number or alias; default champion")
+    p.set_defaults(handler=_cmd_show)
+
+    p = sub.add_parser("compare", help="benchmarks and provenance of two NAME[@VERSION|@ALIAS]")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(handler=_cmd_compare)
+
+    p = sub.add_parser("lineage", help="every version with its parent adapter and commission")
+    p.add_argument("name")
+    p.set_defaults(handler=_cmd_lineage)
+
+    p = sub.add_parser("export", help="write a weight bundle folder")
+    p.add_argument("name")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--version", default=None)
+    group.add_argument("--alias", default=None)
+    p.add_argument("--dest", required=True)
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("rollback", help="restore the previous champion")
+    p.add_argument("name")
+    p.set_defaults(handler=_cmd_rollback)

@@ -1,0 +1,35 @@
+"""`taas library` commands against the embedded store named by TAAS_HOME."""
+
+from __future__ import annotations
+
+from cli.main import main
+from factory.expert import load_expert
+from factory.library import ExpertLibrary
+from infra.settings import get_settings
+
+
+def test_library_commands(taas_home, tiny_expert_folder, tmp_path, capsys):
+    library = ExpertLibrary(get_settings())
+    prov = {"commission_id": "com-cli", "dataset_sha256": "d", "config_hash": "c", "cycles": 1}
+    table = {"expert": {"taas_general_cloze": {"acc": 0.6}}}
+    library.register(tiny_expert_folder, prov, table)
+
+    assert main(["library", "list", "--domain", "legal"]) == 0
+    out = capsys.readouterr().out
+    assert "expert-legal" in out and "challenger" in out and "acc=0.6" in out
+    assert main(["library", "show", "expert-legal", "--version", "1"]) == 0
+    assert '"commission_id": "com-cli"' in capsys.readouterr().out
+    assert main(["library", "compare", "expert-legal@1", "expert-legal@challenger"]) == 0
+    assert "| taas_general_cloze/acc | 0.6 | 0.6 |" in capsys.readouterr().out
+    assert main(["library", "lineage", "expert-legal"]) == 0
+    assert "com-cli" in capsys.readouterr().out
+    dest = tmp_path / "bundle"
+    assert (
+        main(["library", "export", "expert-legal", "--alias", "challenger", "--dest", str(dest)])
+        == 0
+    )
+    assert load_expert(dest).manifest.expert_id == "expert-legal"
+    # No champion was ever replaced: nothing to roll back to, a one-line error and exit 2.
+    assert main(["library", "rollback", "expert-legal"]) == 2
+    assert "no previous champion" in capsys.readouterr().err
+    assert main(["library", "show", "expert-nope"]) == 2
