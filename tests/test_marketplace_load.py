@@ -40,6 +40,7 @@ def served(tiny_base, tmp_path):
     thread.join(timeout=30)
 
 
+@pytest.mark.slow  # 30 s of sustained load by default, plus server start-up
 def test_concurrent_clients_are_metered_exactly(served):
     market, url = served
     seconds = float(os.environ.get("TAAS_LOAD_SECONDS", "30"))

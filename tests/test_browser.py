@@ -1,0 +1,112 @@
+"""The marketplace in a real browser: headless Chromium (Playwright) against uvicorn on loopback.
+
+Browse to an expert, compare two, run a demo prompt and see the streamed text with its expert,
+create an account and license an expert. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from conftest import REPO, free_port
+from test_marketplace import build_market
+
+from marketplace.app import create_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="chromium is not installed (apt-get install chromium)"
+)
+
+
+@pytest.fixture
+def site(tiny_base, tmp_path):
+    market = build_market(tiny_base, tmp_path)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(market), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield market, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.mark.slow  # a real browser against a real server
+def test_browse_compare_demo_and_license(site):
+    from playwright.sync_api import expect, sync_playwright
+
+    market, url = site
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(url + "/")
+        expect(page.locator("#preview-banner")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "catalog.png"), full_page=True)
+
+        page.click("text=law-expert")
+        expect(page.locator("h1")).to_have_text("law-expert")
+        expect(page.locator("svg.bench rect.bar-expert")).to_have_count(2)
+        page.screenshot(path=str(ARTIFACTS / "expert.png"), full_page=True)
+
+        page.goto(url + "/")
+        page.check("input[value='law-expert']")
+        page.check("input[value='finance-expert']")
+        page.click("#compare-button")
+        table = page.locator("#compare-table")
+        expect(table).to_contain_text("law-expert")
+        expect(table).to_contain_text("finance-expert")
+        expect(table).to_contain_text("finance_qa")
+        page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+
+        page.goto(url + "/demo?expert=medicine-expert")
+        page.fill("#demo-prompt", "def read_config(path):")
+        page.click("#demo-run")
+        expect(page.locator("#demo-status")).to_have_text("done")
+        tokens = page.locator("#demo-output span.tok")
+        assert tokens.count() >= 1
+        experts = {tokens.nth(i).get_attribute("data-expert") for i in range(tokens.count())}
+        assert experts == {"medicine-expert"}
+        assert page.locator("#demo-output").inner_text().strip()
+        page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+
+        page.goto(url + "/account")
+        page.fill("#signup-name", "Browser Buyer")
+        page.click("#signup-button")
+        key = page.locator("#api-key").inner_text()
+        assert key.startswith("taas_")
+        page.goto(url + "/experts/finance-expert")
+        page.select_option("select[name=kind]", "weight")
+        page.click("#license-button")
+        expect(page.locator("#licences")).to_contain_text("finance-expert")
+        link = page.locator("#licences a", has_text="weights")
+        assert "/download/" in link.get_attribute("href")
+        page.screenshot(path=str(ARTIFACTS / "account.png"), full_page=True)
+        browser.close()
+    buyer, _ = market.licensing.authenticate(key)
+    assert [(lic.expert_name, lic.kind) for lic in market.licensing.licences_of(buyer)] == [
+        ("finance-expert", "weight")
+    ]
