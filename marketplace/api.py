@@ -79,7 +79,9 @@ def build_router(market: Market) -> APIRouter:
         try:
             result = market.complete(entries, body.prompt, body.max_tokens)
         except ValueError as exc:
-            raise HTTPException(400, detail={"error": "invalid_request", "reason": str(exc)})
+            raise HTTPException(
+                400, detail={"error": "invalid_request", "reason": str(exc)}
+            ) from None
         prices = {entry.name: entry.price.per_token for entry in entries}
         market.licensing.meter(key_id, buyer_id, result.per_expert(), prices)
         completion = len(result.routes)

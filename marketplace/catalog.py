@@ -32,7 +32,7 @@ class BenchmarkRow:
     task: str
     metric: str
     expert: float
-    base: float
+    base: float | None  # None when the base model's result was not recorded
     higher_is_better: bool = True
 
 
@@ -118,12 +118,19 @@ def entry_from_tags(
             task=str(row["task"]),
             metric=str(row.get("metric", "")),
             expert=float(row["expert"]),
-            base=float(row["base"]),
+            base=_float(row["base"]),
             higher_is_better=bool(row.get("higher_is_better", True)),
         )
         for row in _json_tag(tags, "benchmark", [])
         if isinstance(row, dict) and {"task", "expert", "base"} <= row.keys()
     ]
+    if not rows:
+        base_scores = _json_tag(tags, "benchmark_base_scores", {})
+        for task, metrics in sorted(_json_tag(tags, "benchmark_scores", {}).items()):
+            for metric, value in sorted(metrics.items()):
+                base = base_scores.get(task, {}).get(metric)
+                lower = "perplexity" in metric or metric.endswith("loss")
+                rows.append(BenchmarkRow(task, metric, float(value), _float(base), not lower))
     summary = (
         f"mean score {sum(numeric) / len(numeric):.4f} over {cycles} cycles"
         if numeric
@@ -190,33 +197,51 @@ class LibraryCatalog:
 
 
 def library_catalog(settings: Any) -> LibraryCatalog:
-    """A catalog over ``factory.library.ExpertLibrary(settings)``."""
+    """A catalog over ``factory.library.ExpertLibrary(settings)``: one entry per expert (its
+    champion, else its latest version); private versions are not listed."""
     from factory.library import ExpertLibrary
 
     library = ExpertLibrary(settings)
 
     def names() -> list[str]:
-        return sorted({_field(item, "name") for item in library.list()})
+        return sorted({item.name for item in library.list()})
 
     def describe(name: str) -> tuple[list[str], str, dict[str, str], str]:
         shown = library.show(name)
-        versions = [str(_field(v, "version")) for v in _field(shown, "versions", [])]
-        aliases = _field(shown, "aliases", {}) or {}
-        champion = str(aliases.get("champion", versions[-1] if versions else ""))
-        tags = {str(k): str(v) for k, v in (_field(shown, "tags", {}) or {}).items()}
-        return versions, champion, tags, str(_field(shown, "model_card", "") or "")
+        rows = library.lineage(name)
+        versions = [str(row["version"]) for row in rows]
+        history = [
+            (str(row["version"]), "")
+            for row in rows
+            if "champion" in row["aliases"] or row["version"] in _superseded(library, name, rows)
+        ]
+        tags = dict(shown.tags)
+        tags["champion_history"] = json.dumps(history)
+        return versions, str(shown.version), tags, _card_text(tags)
 
     def folder(name: str, version: str) -> Path:
-        return Path(library.download(name, version, library_download_dir(settings, name, version)))
+        return library.resolve_expert_folder(f"{name}@{version}")
 
     return LibraryCatalog(names, describe, folder)
+
+
+def _superseded(library: Any, name: str, rows: list[dict]) -> set[str]:
+    """Versions that were champion once (they carry a ``superseded_by`` tag)."""
+    return {
+        str(row["version"])
+        for row in rows
+        if "superseded_by" in library.show(name, str(row["version"])).tags
+    }
+
+
+def _card_text(tags: dict[str, str]) -> str:
+    keys = ("commission_id", "licence", "benchmark_summary", "wise_ft_alpha", "code_version")
+    return "\n".join(f"{key}: {tags[key]}" for key in keys if tags.get(key))
 
 
 def library_download_dir(settings: Any, name: str, version: str) -> Path:
     return Path(settings.home) / "marketplace" / "experts" / name / version
 
 
-def _field(obj: Any, key: str, default: Any = None) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -6,14 +6,14 @@ from html import escape
 
 from marketplace.catalog import BenchmarkRow
 
-BAR_H, GAP, LABEL_W, CHART_W = 14, 10, 160, 300
+BAR_H, GAP, LABEL_W, CHART_W = 14, 10, 300, 300
 
 
 def benchmark_svg(rows: list[BenchmarkRow]) -> str:
-    """Two bars per task (expert, base), scaled to the largest value on the chart."""
+    """Two bars per task (expert, base); each task is scaled to its own larger value, since
+    tasks mix metrics (accuracy in [0, 1], perplexity in the tens)."""
     if not rows:
         return '<p class="muted">No benchmark results recorded.</p>'
-    top = max(max(abs(r.expert), abs(r.base)) for r in rows) or 1.0
     height = len(rows) * (2 * BAR_H + GAP) + 24
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="bench" '
@@ -22,11 +22,16 @@ def benchmark_svg(rows: list[BenchmarkRow]) -> str:
     ]
     y = 4
     for row in rows:
+        top = max(abs(row.expert), abs(row.base or 0.0)) or 1.0
         label = escape(f"{row.task} ({row.metric})" if row.metric else row.task)
+        if not row.higher_is_better:
+            label += " (lower is better)"
         parts.append(f'<text x="0" y="{y + BAR_H + 4}" font-size="11">{label}</text>')
         for offset, (who, value, colour) in enumerate(
             (("expert", row.expert, "#2b6cb0"), ("base", row.base, "#a0aec0"))
         ):
+            if value is None:
+                continue
             width = CHART_W * abs(value) / top
             bar_y = y + offset * BAR_H
             parts.append(
