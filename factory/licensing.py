@@ -475,6 +475,8 @@ class Licensing:
         goes to ``UNALLOCATED``. For each version the parts sum exactly to its revenue."""
         result: dict[str, dict[tuple[str, str], Decimal]] = {}
         for (name, version), amount in sorted(self.revenue(period).items()):
+            if amount == 0:
+                continue
             shares = self.contributor_shares(name, version) or {UNALLOCATED: Decimal(1)}
             for who, part in split_cents(amount, shares).items():
                 result.setdefault(who, {})[(name, version)] = part

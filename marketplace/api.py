@@ -4,18 +4,21 @@ Every call carries ``Authorization: Bearer <api key>``; a missing, malformed, un
 revoked key is answered 401 with the reason. ``model`` is an expert name, ``mixture`` (every
 expert the buyer holds a usage or exclusive licence on) or ``mixture:a,b``. An expert that does
 not exist or is exclusive to someone else is answered 404, one without a licence 403. Each
-generated token is metered against the expert version it was routed through; the response's
-``usage.completion_tokens`` equals the tokens metered for the call.
+generated token is metered against the expert version it was routed through (tokens on the
+mixture's null route against ``base`` at price 0); the response's ``usage.completion_tokens``
+equals the tokens metered for the call, and ``routes`` names the route of every token.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from decimal import Decimal
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.mixture import BASE_ROUTE
 from marketplace.auth import bearer_key
 from marketplace.catalog import CatalogEntry
 from marketplace.market import Market
@@ -82,7 +85,9 @@ def build_router(market: Market) -> APIRouter:
             raise HTTPException(
                 400, detail={"error": "invalid_request", "reason": str(exc)}
             ) from None
+        # Tokens on the null route were served by the base model alone: metered, priced 0.
         prices = {entry.name: entry.price.per_token for entry in entries}
+        prices[BASE_ROUTE] = Decimal(0)
         market.licensing.meter(key_id, buyer_id, result.per_expert(), prices)
         completion = len(result.routes)
         return {

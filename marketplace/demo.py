@@ -1,35 +1,36 @@
 """Generation with a per-token expert route, for the live demo and the completions API.
 
-:class:`RoutedGenerator` holds the base model once and loads each expert's PEFT LoRA adapter on
-first use (safetensors only). Decoding is greedy. With one expert every token is generated and
-routed through it. With several (a buyer's mixture), each token is routed to the expert whose
-router rows best match the base model's hidden states at the last position:
-``route = argmax_e mean_l <router_e[l], h_l>`` where ``h_l`` is the input of layer ``l``; the
-token is then generated with that expert's adapter. The model is shared between requests, so
-each decoding step runs under one lock (the adapter switch and the forward pass together).
+:class:`RoutedGenerator` holds the base model once and composes the requested experts into a
+routed mixture (:class:`factory.mixture.MixtureModel`, cached per set of expert folders; the
+mixtures share the base model). Decoding is greedy, one token at a time, so the demo can stream.
+As in :func:`factory.mixture.generate_with_routes`, a token's route is the majority over layers
+of the top-1 route at the position that predicted it; ``"base"`` is the mixture's null route
+(the base model alone). The model is shared between requests, so each decoding step runs under
+one lock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from factory.base_model import load_base
-from factory.expert import ROUTER_FILE
+from factory.expert import load_expert
+from factory.mixture import BASE_ROUTE, MixtureModel, majority_route
+
+MAX_MIXTURES = 16  # expert sets kept composed; each shares the base model
 
 
 @dataclass(frozen=True)
 class RoutedToken:
     token_id: int
     text: str  # the text this token adds to the output
-    expert: str
-    version: str
+    expert: str  # catalog name of the expert it was routed to, or "base"
+    version: str  # that expert's version, or the base model's name
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,19 @@ class ExpertHandle:
 
 
 class RoutedGenerator:
-    def __init__(self, base_path: Path, max_prompt_tokens: int, max_new_tokens: int):
+    def __init__(
+        self, base_path: Path, max_prompt_tokens: int, max_new_tokens: int, top_k: int = 2
+    ):
         self.model, self.tokenizer = load_base(Path(base_path))
         self.model.eval()
+        self.base_name = Path(base_path).name
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
-        self._peft = None
-        self._adapters: dict[Path, tuple[str, torch.Tensor]] = {}
+        self.top_k = top_k
+        self._mixtures: dict[tuple[Path, ...], tuple[MixtureModel, dict[str, ExpertHandle]]] = {}
         self._lock = threading.Lock()
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a prompt; ValueError naming the limit when it is too long."""
+        """Token ids of a prompt; ValueError naming the limit when it is too long or empty."""
         if len(prompt) > 8 * self.max_prompt_tokens:
             raise ValueError(f"prompt: at most {self.max_prompt_tokens} tokens; shorten it")
         ids = self.tokenizer(prompt)["input_ids"]
@@ -63,33 +67,20 @@ class RoutedGenerator:
             raise ValueError("prompt: must not be empty")
         return ids
 
-    def _adapter(self, handle: ExpertHandle) -> tuple[str, torch.Tensor]:
-        """Loads the adapter once; returns its PEFT adapter name and router rows."""
-        if handle.folder not in self._adapters:
-            from peft import PeftModel
-
-            name = "e" + hashlib.sha256(str(handle.folder).encode()).hexdigest()[:12]
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self.model, handle.folder, adapter_name=name)
-                self._peft.eval()
-            else:
-                self._peft.load_adapter(handle.folder, adapter_name=name)
-            router = load_file(str(handle.folder / ROUTER_FILE))["router"].float()
-            self._adapters[handle.folder] = (name, router)
-        return self._adapters[handle.folder]
-
-    def _route(self, ids: torch.Tensor, handles: list[ExpertHandle]) -> ExpertHandle:
-        if len(handles) == 1:
-            return handles[0]
-        with self._peft.disable_adapter():
-            hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
-        scores = []
-        for handle in handles:
-            _, router = self._adapters[handle.folder]
-            layers = min(router.shape[0], len(hidden) - 1)
-            rows = torch.stack([hidden[layer][0, -1] for layer in range(layers)])
-            scores.append(float((rows * router[:layers]).sum(-1).mean()))
-        return handles[max(range(len(handles)), key=lambda i: scores[i])]
+    def _mixture(self, handles: list[ExpertHandle]) -> tuple[MixtureModel, dict[str, ExpertHandle]]:
+        """The mixture over these experts (built once); route name -> handle."""
+        key = tuple(sorted(handle.folder for handle in handles))
+        if key not in self._mixtures:
+            experts = [load_expert(handle.folder) for handle in handles]
+            mixture = MixtureModel.from_experts(self.model, experts, top_k=self.top_k).eval()
+            by_route = {
+                expert.manifest.expert_id: handle
+                for expert, handle in zip(experts, handles, strict=True)
+            }
+            if len(self._mixtures) >= MAX_MIXTURES:  # bound memory: drop the oldest
+                self._mixtures.pop(next(iter(self._mixtures)))
+            self._mixtures[key] = (mixture, by_route)
+        return self._mixtures[key]
 
     def stream(
         self, handles: list[ExpertHandle], prompt: str, max_new_tokens: int
@@ -105,16 +96,17 @@ class RoutedGenerator:
         eos = self.tokenizer.eos_token_id
         for _ in range(max_new_tokens):
             with self._lock, torch.inference_mode():
-                for handle in handles:
-                    self._adapter(handle)
-                current = torch.tensor([ids + generated])
-                chosen = self._route(current, handles)
-                self._peft.set_adapter(self._adapters[chosen.folder][0])
-                logits = self._peft(input_ids=current).logits[0, -1]
-                token = int(torch.argmax(logits))
+                mixture, by_route = self._mixture(handles)
+                output, trace = mixture(torch.tensor([ids + generated]), return_routing=True)
+                token = int(output.logits[0, -1].argmax())
+                route = mixture.route_name(int(majority_route(trace)[0, -1]))
             if token == eos:
                 break
             generated.append(token)
             text = self.tokenizer.decode(generated)
             piece, text_so_far = text[len(text_so_far) :], text
-            yield RoutedToken(token, piece, chosen.name, chosen.version)
+            if route == BASE_ROUTE:
+                yield RoutedToken(token, piece, BASE_ROUTE, self.base_name)
+            else:
+                handle = by_route[route]
+                yield RoutedToken(token, piece, handle.name, handle.version)

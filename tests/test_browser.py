@@ -89,7 +89,7 @@ def test_browse_compare_demo_and_license(site):
         tokens = page.locator("#demo-output span.tok")
         assert tokens.count() >= 1
         experts = {tokens.nth(i).get_attribute("data-expert") for i in range(tokens.count())}
-        assert experts == {"medicine-expert"}
+        assert experts <= {"medicine-expert", "base"}
         assert page.locator("#demo-output").inner_text().strip()
         page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
