@@ -1,0 +1,155 @@
+"""Router annealing: the temperature schedule, determinism, routing of two domains, acceptance,
+the heatmap, library match and the composition task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mixture_experts import domain_blocks, experts_for
+
+from factory.base_model import load_base
+from factory.mixture import MixtureModel
+from merging.router_annealing import (
+    AnnealConfig,
+    accept_addition,
+    anneal_router,
+    routing_heatmap,
+    routing_stats,
+    temperature_at,
+)
+
+CFG = AnnealConfig(steps=30, lr=0.05, seed=0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "exponential"])
+def test_temperature_schedule_is_monotone_from_start_to_end(schedule):
+    cfg = AnnealConfig(
+        steps=50, lr=0.1, seed=0, temperature_start=3.0, temperature_end=0.25, schedule=schedule
+    )
+    values = [temperature_at(s, cfg) for s in range(cfg.steps)]
+    assert values[0] == pytest.approx(3.0, abs=1e-12)
+    assert values[-1] == pytest.approx(0.25, abs=1e-12)
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert values[25] < 3.0 and values[25] > 0.25
+
+
+def test_config_rejects_sharp_to_soft_and_unknown_keys():
+    with pytest.raises(ValueError, match="temperature_end"):
+        AnnealConfig(steps=5, lr=0.1, seed=0, temperature_start=0.5, temperature_end=2.0)
+    with pytest.raises(ValueError, match="extra"):
+        AnnealConfig(steps=5, lr=0.1, seed=0, warmup=3)
+
+
+@pytest.fixture(scope="module")
+def annealed(tiny_base):
+    digits, licence = experts_for(tiny_base)
+    blocks = domain_blocks(str(tiny_base.path))
+    base, _ = load_base(tiny_base.path)
+    empty = MixtureModel(base)
+    first = anneal_router(
+        empty, digits, blocks["digits"][0], {"general": blocks["general"][0]}, CFG
+    )
+    replay = {"general": blocks["general"][0], "digits-expert": blocks["digits"][0]}
+    second = anneal_router(first.mixture, licence, blocks["licence"][0], replay, CFG)
+    return {"empty": empty, "first": first, "second": second, "blocks": blocks}
+
+
+def test_annealing_is_deterministic_and_trains_only_the_router(annealed, tiny_base):
+    digits, _ = experts_for(tiny_base)
+    blocks = annealed["blocks"]
+    again = anneal_router(
+        annealed["empty"], digits, blocks["digits"][0], {"general": blocks["general"][0]}, CFG
+    )
+    first = annealed["first"]
+    assert torch.equal(again.router_rows, first.router_rows)
+    assert torch.equal(again.null_route["null_rows"], first.null_route["null_rows"])
+    assert again.loss_curve == first.loss_curve
+    # The rows moved away from their start (the centroid) and the loss went down.
+    centroid = torch.stack([x.mean(0) for x in annealed["empty"].mlp_inputs(blocks["digits"][0])])
+    assert (first.router_rows - centroid).abs().max() > 0.1
+    assert sum(first.loss_curve[-5:]) / 5 < sum(first.loss_curve[:5]) / 5
+    # The input mixture is untouched: still no experts, null route still zero.
+    assert annealed["empty"].expert_ids == []
+    assert annealed["empty"].null_rows.abs().sum() == 0
+
+
+def test_each_domain_routes_mostly_to_its_own_expert(annealed):
+    blocks = annealed["blocks"]
+    mixture = annealed["second"].mixture
+    stats = routing_stats(mixture, {d: blocks[d][1] for d in ("digits", "licence", "general")})
+    for shares in stats.values():
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    assert stats["digits"]["digits-expert"] > 0.5
+    # The licence expert is chosen far more on licence text than on digits.
+    assert stats["licence"]["licence-expert"] > 3 * stats["digits"]["licence-expert"]
+
+
+def test_acceptance_gates_the_addition_and_keeps_the_previous_mixture(annealed, tiny_base):
+    _, licence = experts_for(tiny_base)
+    blocks = annealed["blocks"]
+    before, after = annealed["first"].mixture, annealed["second"].mixture
+    heldout = {
+        "licence-expert": blocks["licence"][1],
+        "digits-expert": blocks["digits"][1],
+        "general": blocks["general"][1],
+    }
+    with after.forced_route("licence-expert"):
+        alone = after.lm_loss(heldout["licence-expert"])
+    rows_before = before.router_rows.detach().clone()
+    accepted, report = accept_addition(before, after, licence, heldout, alone, tolerance=0.5)
+    assert accepted and report["accepted"]
+    assert set(report["existing"]) == {"digits-expert", "general"}
+    refused, report = accept_addition(before, after, licence, heldout, alone * 0.5, tolerance=0.01)
+    assert not refused and not report["new"]["ok"]
+    # A refused addition leaves the previous mixture as it was.
+    assert before.expert_ids == ["digits-expert"]
+    assert torch.equal(before.router_rows.detach(), rows_before)
+    with pytest.raises(ValueError, match="tolerance"):
+        accept_addition(before, after, licence, heldout, alone, tolerance=-1.0)
+
+
+def test_routing_heatmap_writes_a_png(tmp_path):
+    stats = {"digits": {"a": 0.75, "base": 0.25}, "licence": {"a": 0.1, "base": 0.9}}
+    path = routing_heatmap(stats, tmp_path / "heatmap.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_library_match_ranks_the_domain_expert_first(annealed, tiny_base):
+    from evaluation.library_match import library_match
+
+    digits, licence = experts_for(tiny_base)
+    base, _ = load_base(tiny_base.path)
+    blocks = annealed["blocks"]
+    match = library_match(base, [licence, digits], annealed["second"].mixture, blocks["digits"][1])
+    assert [e for e, _ in match.ranking] == ["digits-expert", "licence-expert"]
+    assert match.ranking[0][1] < match.base_loss - 0.3
+    match = library_match(base, [digits, licence], annealed["second"].mixture, blocks["licence"][1])
+    assert match.ranking[0][0] == "licence-expert"
+
+
+def test_compose_expert_task_writes_router_and_report(tiny_base, tmp_path):
+    from factory.expert import save_expert
+    from tasks.composition import compose_expert
+
+    digits, licence = experts_for(tiny_base)
+    blocks = domain_blocks(str(tiny_base.path))
+    save_expert(tmp_path / "digits", digits)
+    save_expert(tmp_path / "licence", licence)
+    cfg = AnnealConfig(steps=4, lr=0.05, seed=0)
+    out = compose_expert.fn(
+        tiny_base.path,
+        [tmp_path / "digits"],
+        tmp_path / "licence",
+        blocks["licence"][0][:8],
+        {"digits-expert": blocks["digits"][0][:8]},
+        {"licence-expert": blocks["licence"][1][:4], "digits-expert": blocks["digits"][1][:4]},
+        cfg,
+        0.5,
+        tmp_path / "composed",
+    )
+    assert isinstance(out["accepted"], bool)
+    assert set(out["stats"]) == {"licence-expert", "digits-expert"}
+    from safetensors.torch import load_file
+
+    assert load_file(out["router_path"])["router"].shape == (2, 32)
+    assert (tmp_path / "composed" / "routing_heatmap.png").is_file()
