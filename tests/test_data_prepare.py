@@ -207,3 +207,22 @@ def test_s3_source_through_the_object_cache(s3_endpoint, env, tiny_base, tmp_pat
     with pytest.raises(BucketNotFound):
         prepare_data(spec_for([{"uri": "s3://missing-bucket/x"}]), tiny_base.path,
                      tmp_path / "bad", open_settings)  # fmt: skip
+
+
+def test_contaminated_rows_are_removed_before_the_split(env, tiny_base, tmp_path):
+    data, settings = env
+    rows = make_rows(150, seed=6)
+    jsonl = write_jsonl(data / "a.jsonl", [{"text": r} for r in rows])
+    items = [rows[3], "question: " + " ".join(rows[10].split()[:13]) + " answer: yes"]
+    prepared = prepare_data(
+        spec_for([{"uri": str(jsonl)}]), tiny_base.path, tmp_path / "out", settings,
+        benchmark_items=items,
+    )  # fmt: skip
+    kept = prepared.train_jsonl.read_text() + prepared.heldout_jsonl.read_text()
+    assert json.dumps(rows[3]) not in kept and json.dumps(rows[10]) not in kept
+    assert json.dumps(rows[4]) in kept
+    report = prepared.contamination
+    assert (report["rows_removed"], report["exact_matches"], report["items_hit"]) == (
+        report["exact_matches"] + report["ngram_matches"], 1, 2
+    )  # fmt: skip
+    assert prepared.num_train_rows + prepared.num_heldout_rows == 150 - report["rows_removed"]
