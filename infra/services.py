@@ -62,9 +62,10 @@ def start_mlflow_server(
     env: dict[str, str] | None = None,
     host: str = "127.0.0.1",
     log_path: Path | None = None,
-    wait_s: float = 60.0,
+    wait_s: float = 180.0,
 ) -> ServiceHandle:
-    """Starts ``mlflow server`` and returns once ``/health`` answers (about 8 s on a small CPU)."""
+    """Starts ``mlflow server``; returns once ``/health`` answers (about 8 s on an idle small
+    CPU; ``wait_s`` leaves room for a busy one)."""
     if port <= 0 or port > 65535:
         raise ValueError(f"port: {port} is not a TCP port; pick one in 1..65535")
     url = f"http://{host}:{port}"
@@ -86,7 +87,9 @@ def start_mlflow_server(
         "--workers",
         "1",
     ]
-    child_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    # The factory uses no MLflow server-side jobs; without them the server starts no job workers.
+    quiet = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    child_env = {**os.environ, **quiet, **(env or {})}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
