@@ -61,7 +61,7 @@ def _secret(home: Path) -> str:
 
 
 def build_market(args: argparse.Namespace):
-    from factory.base_model import ensure_base_model
+    from factory.base_model import BaseModelRef, base_model_sha256, ensure_base_model
     from factory.ledger import Ledger
     from factory.licensing import Licensing
     from infra.settings import get_settings
@@ -75,7 +75,11 @@ def build_market(args: argparse.Namespace):
             raise ValueError(f"--sample: give 1 to {len(SAMPLE_DOMAINS)} experts")
         from marketplace.sample import record_sample_shares, sample_catalog
 
-        base = ensure_base_model(settings.base_model_dir or home, "tiny")
+        if settings.base_model_dir:
+            folder = Path(settings.base_model_dir)
+            base = BaseModelRef(folder.name, folder, base_model_sha256(folder))
+        else:
+            base = ensure_base_model(home, "tiny")
         catalog = sample_catalog(
             base, home / "marketplace" / "sample", SAMPLE_DOMAINS[: args.sample]
         )
