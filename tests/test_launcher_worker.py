@@ -1,0 +1,38 @@
+"""A stand-in worker for launcher tests (run as ``python -m tests.test_launcher_worker MODE``).
+
+Modes: ``metrics`` prints two metrics and exits 0; ``non_finite`` reports non_finite_loss and
+exits 65; ``crash`` exits 1 without a report; ``hang`` starts a child in its own session and
+sleeps, printing a metric so the test knows it is up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    rank = int(os.environ.get("RANK", "0"))
+    if mode == "metrics":
+        if rank == 0:
+            for step in (1, 2):
+                print("TAAS_METRIC " + json.dumps({"step": step, "loss": 3.0 / step}), flush=True)
+            print("TAAS_OUTCOME " + json.dumps({"outcome": "ok", "reason": ""}), flush=True)
+        sys.exit(0)
+    if mode == "non_finite":
+        if rank == 0:
+            print("TAAS_OUTCOME " + json.dumps({"outcome": "final", "reason": "non_finite_loss"}))
+        sys.stdout.flush()
+        sys.exit(65)
+    if mode == "crash":
+        sys.exit(1)
+    if mode == "hang":
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+        )
+        print("TAAS_EVENT " + json.dumps({"event": "child", "pid": child.pid}), flush=True)
+        print("TAAS_METRIC " + json.dumps({"step": 1, "rank": rank}), flush=True)
+        time.sleep(600)
