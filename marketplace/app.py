@@ -37,8 +37,8 @@ def create_app(market: Market) -> FastAPI:
     def buyer_of(request: Request) -> str | None:
         return session_buyer(market.secret, request.cookies.get(COOKIE))
 
-    def page(request: Request, name: str, **context) -> HTMLResponse:
-        buyer_id = buyer_of(request)
+    def page(request: Request, name: str, as_buyer: str | None = None, **context) -> HTMLResponse:
+        buyer_id = as_buyer or buyer_of(request)
         context.update(
             buyer_id=buyer_id,
             buyer_name=market.licensing.buyer_name(buyer_id) if buyer_id else None,
@@ -135,25 +135,7 @@ def create_app(market: Market) -> FastAPI:
         ready = market.readiness()
         return {"open": ready.open, "ready_domains": ready.ready_domains, "short": ready.short}
 
-    @app.post("/account")
-    def sign_up(request: Request, name: str = Form(...)) -> HTMLResponse:
-        try:
-            buyer_id = market.licensing.create_buyer(name)
-        except ValueError as exc:
-            raise HTTPException(400, detail=str(exc)) from None
-        key = market.licensing.issue_key(buyer_id)
-        response = RedirectResponse("/account", status_code=303)
-        response.set_cookie(
-            COOKIE, session_cookie(market.secret, buyer_id), httponly=True, samesite="lax"
-        )
-        response.set_cookie("taas_new_key", key, httponly=True, samesite="lax", max_age=60)
-        return response
-
-    @app.get("/account", response_class=HTMLResponse)
-    def account(request: Request) -> HTMLResponse:
-        buyer_id = buyer_of(request)
-        if buyer_id is None:
-            return page(request, "signup.html")
+    def account_page(request: Request, buyer_id: str, new_key: str | None) -> HTMLResponse:
         licences = market.licensing.licences_of(buyer_id)
         expires = int(time.time()) + market.config.link_ttl_s
         links = {}
@@ -162,20 +144,38 @@ def create_app(market: Market) -> FastAPI:
             if entry and lic.kind in ("weight", "exclusive"):
                 path = f"/download/{buyer_id}/{entry.name}/{entry.champion}"
                 links[lic.licence_id] = sign_link(market.secret, path, expires)
-        period = period_of(datetime.now(UTC))
-        response = page(
+        return page(
             request,
             "account.html",
-            new_key=request.cookies.get("taas_new_key"),
+            as_buyer=buyer_id,
+            new_key=new_key,
             licences=licences,
             links=links,
             usage=sorted(market.licensing.usage(buyer_id).items()),
-            invoice=market.licensing.invoice(buyer_id, period),
+            invoice=market.licensing.invoice(buyer_id, period_of(datetime.now(UTC))),
             keys=market.licensing.keys_of(buyer_id),
             downloads=market.licensing.downloads_of(buyer_id),
         )
-        response.delete_cookie("taas_new_key")  # the key is shown once
+
+    @app.post("/account")
+    def sign_up(request: Request, name: str = Form(...)) -> HTMLResponse:
+        try:
+            buyer_id = market.licensing.create_buyer(name)
+        except ValueError as exc:
+            raise HTTPException(400, detail=str(exc)) from None
+        # The key is rendered once in this response and never stored in clear anywhere.
+        response = account_page(request, buyer_id, market.licensing.issue_key(buyer_id))
+        response.set_cookie(
+            COOKIE, session_cookie(market.secret, buyer_id), httponly=True, samesite="lax"
+        )
         return response
+
+    @app.get("/account", response_class=HTMLResponse)
+    def account(request: Request) -> HTMLResponse:
+        buyer_id = buyer_of(request)
+        if buyer_id is None:
+            return page(request, "signup.html")
+        return account_page(request, buyer_id, None)
 
     @app.post("/experts/{name}/license")
     def license_expert(name: str, request: Request, kind: str = Form(...)) -> Response:

@@ -158,3 +158,28 @@ def test_fees_exclusivity_and_statements_reconcile(licensing):
     alice = licensing.statement("alice", "2026-01")
     assert alice["total"] == "2216.84"
     assert licensing.statement("alice", "2026-02")["total"] == "0.00"
+
+
+def test_weight_licence_maintenance_is_booked_yearly(licensing):
+    acme = licensing.create_buyer("Acme")
+    licence = licensing.grant(
+        acme,
+        "law-expert",
+        "1",
+        "weight",
+        fee=Decimal("500.00"),
+        maintenance_fee=Decimal("80.00"),
+        at=JAN,
+    )
+    licensing.renew_maintenance(
+        licence, "1", Decimal("80.00"), at=datetime(2027, 1, 15, tzinfo=UTC)
+    )
+    assert [(line.item, line.amount) for line in licensing.invoice(acme, "2026-01").lines] == [
+        ("weight_fee", Decimal("500.00")),
+        ("maintenance", Decimal("80.00")),
+    ]
+    assert licensing.invoice(acme, "2027-01").total == Decimal("80.00")
+    assert sum(licensing.revenue().values()) == Decimal("660.00")
+    usage = licensing.grant(acme, "med-expert", "2", "usage", price_per_token=Decimal("0.001"))
+    with pytest.raises(ValueError, match="licence_id"):
+        licensing.renew_maintenance(usage, "2", Decimal("1"))
