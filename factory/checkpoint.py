@@ -64,13 +64,17 @@ def latest_valid(root: Path) -> tuple[int, Path] | None:
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
-    """Removes all but the newest ``keep_last`` valid checkpoints, and every torn one older
-    than the newest valid checkpoint; returns the removed folders."""
+    """Removes all but the newest ``keep_last`` valid checkpoints, every torn one older than the
+    newest valid checkpoint and leftover temp folders; returns the removed checkpoint folders.
+    Call it only between saves (rank 0 does, right after its own save)."""
     entries = list_checkpoints(root)
     valid = [(s, f) for s, f in entries if verify_committed(f)]
     keep = {f for _, f in valid[-keep_last:]}
     newest = valid[-1][0] if valid else -1
     removed = []
+    # Temp folders of saves killed before their rename: never valid, only taking space.
+    for stale in Path(root).glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     for step, folder in entries:
         if folder in keep or step > newest:
             continue
