@@ -215,3 +215,20 @@ def test_wise_ft_alpha_search_on_real_losses(cycle, tmp_path):
         if point.alpha == strict.chosen and point.alpha > 0:
             assert point.general_loss <= strict.base_general_loss
     assert json.dumps(strict.to_json())
+
+
+@pytest.mark.slow  # starts Prefect's ephemeral API (15-20 s idle, minutes on a loaded machine)
+def test_scoring_task_runs_inside_a_prefect_flow(cycle):
+    from prefect import flow
+
+    assert merge_cycle_task.retries == 0 and alpha_search_task.retries == 0
+
+    @flow(name="score-cycle-check")
+    def score_cycle():
+        return merge_cycle_task(
+            None, CONFIG, cycle["candidates"][:2], cycle["ctx"], _evaluator(cycle), CFG
+        )
+
+    outcome = score_cycle()
+    assert outcome.adapter_sha256 == tensors_sha256(cycle["honest"])
+    assert [d.reason for d in outcome.decisions] == [None, None]

@@ -99,3 +99,17 @@ def test_bad_arguments_name_the_field(kwargs, field):
     args = {"weights": [1.0, 1.0], "lr": 1.0, "nesterov_momentum": 0.0} | kwargs
     with pytest.raises(ValueError, match=field):
         outer_step(_random_adapter(0), [_random_adapter(1), _random_adapter(2)], **args)
+
+
+def test_merge_config_is_strict():
+    from pydantic import ValidationError
+
+    from merging.cycle_merge import MergeConfig
+
+    MergeConfig(outer_lr=0.7, top_k=None, power=2.0, nesterov_momentum=0.9)
+    with pytest.raises(ValidationError, match="top_k"):
+        MergeConfig(outer_lr=0.7, power=2.0, nesterov_momentum=0.9)  # required, no default
+    with pytest.raises(ValidationError, match="extra"):
+        MergeConfig(outer_lr=0.7, top_k=2, power=2.0, nesterov_momentum=0.9, lr=1.0)
+    with pytest.raises(ValidationError, match="nesterov_momentum"):
+        MergeConfig(outer_lr=0.7, top_k=2, power=2.0, nesterov_momentum=1.0)
