@@ -65,6 +65,7 @@ def line(tmp_path, tiny_base, prepared_data):
 
 def run(config: dict, kill_at: int | None = None, launcher: str = "torchrun"):
     path = config["checkpoint_dir"] + ".json"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(config, fh)
     jobs = []
