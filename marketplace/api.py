@@ -15,7 +15,7 @@ import time
 import uuid
 from decimal import Decimal
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.mixture import BASE_ROUTE
@@ -24,6 +24,7 @@ from marketplace.catalog import CatalogEntry
 from marketplace.market import Market
 
 USAGE_KINDS = ("usage", "exclusive")
+MAX_MIXTURE_EXPERTS = 8
 
 
 class CompletionRequest(BaseModel):
@@ -54,9 +55,11 @@ def _entries(market: Market, buyer_id: str, model: str) -> list[CatalogEntry]:
         if not names:
             raise HTTPException(403, detail={"error": "no_licence", "model": model})
     elif model.startswith("mixture:"):
-        names = [n for n in model.removeprefix("mixture:").split(",") if n]
+        names = list(dict.fromkeys(n for n in model.removeprefix("mixture:").split(",") if n))
     else:
         names = [model]
+    if len(names) > MAX_MIXTURE_EXPERTS:
+        raise HTTPException(400, detail={"error": "model", "limit": MAX_MIXTURE_EXPERTS})
     entries = []
     for name in names:
         entry = market.visible(name, buyer_id)
@@ -145,7 +148,7 @@ def build_router(market: Market) -> APIRouter:
         return usage_of(buyer_id, period)
 
     @router.get("/invoices/{period}")
-    def invoice(period: str, request: Request, authorization: str | None = Header(None)) -> dict:
+    def invoice(period: str, authorization: str | None = Header(None)) -> dict:
         buyer_id, _ = _buyer(market, authorization)
         found = market.licensing.invoice(buyer_id, period)
         return {
