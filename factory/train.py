@@ -306,7 +306,11 @@ def run(config: TrainConfig, rank: int) -> int:
                     "step": step + 1,
                     "loss": last_loss,
                     "lr": engine.get_lr()[0],
-                    "tokens_per_s": world * config.micro_batch_size * seq_len / elapsed,
+                    "tokens_per_s": world
+                    * config.micro_batch_size
+                    * config.grad_accum
+                    * seq_len
+                    / elapsed,
                     "tokens_seen": tokens_seen,
                 },
             )
