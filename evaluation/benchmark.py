@@ -110,15 +110,15 @@ def prepare_tasks(cache_dir: Path) -> Path:
 
     The shipped YAMLs name their data files relative to themselves; lm-eval resolves data files
     against the working directory, so the copies carry absolute paths. ``general_text.jsonl`` is
-    generated from :func:`factory.corpus.general_text`: its last ``GENERAL_PERPLEXITY_ROWS``
-    paragraphs (the end of the corpus, beyond what the tiny preset pretrains on).
+    generated from :func:`factory.corpus.general_heldout_text`: its first
+    ``GENERAL_PERPLEXITY_ROWS`` paragraphs (general prose no embedded base was pretrained on).
     """
-    from factory.corpus import general_text
+    from factory.corpus import general_heldout_text
 
     out = Path(cache_dir) / "general_tasks"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(SHIPPED_TASKS_DIR / "general_cloze.jsonl", out / "general_cloze.jsonl")
-    rows = general_text()[-GENERAL_PERPLEXITY_ROWS:]
+    rows = general_heldout_text()[:GENERAL_PERPLEXITY_ROWS]
     atomic_write_text(
         out / "general_text.jsonl", "".join(json.dumps({"text": row}) + "\n" for row in rows)
     )

@@ -97,11 +97,23 @@ def write_adapter_files(folder: Path, adapter: dict[str, torch.Tensor], config: 
     atomic_write_json(folder / ADAPTER_CONFIG, config)
 
 
-def save_expert(folder: Path, expert: Expert, overwrite: bool = False) -> Path:
-    """Writes an expert as a committed folder; the manifest's adapter hash must match."""
+def save_expert(
+    folder: Path,
+    expert: Expert,
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Writes an expert as a committed folder; the manifest's adapter hash must match.
+
+    ``extra_files`` (name -> bytes) travel with the expert under the same commit marker, for
+    example the mixture's null route or a replay sample of the expert's domain.
+    """
     actual = tensors_sha256(expert.adapter)
     assert actual == expert.manifest.adapter_sha256, "manifest adapter_sha256 does not match"
     with committed_dir(Path(folder), overwrite=overwrite) as tmp:
+        for name, data in (extra_files or {}).items():
+            assert "/" not in name and name not in (ADAPTER_FILE, ROUTER_FILE, MANIFEST_FILE)
+            (tmp / name).write_bytes(data)
         write_adapter_files(tmp, expert.adapter, expert.adapter_config)
         save_file({"router": expert.router.detach().to("cpu").contiguous()}, str(tmp / ROUTER_FILE))
         atomic_write_json(tmp / MANIFEST_FILE, expert.manifest.model_dump(mode="json"))

@@ -268,6 +268,22 @@ class MixtureModel(nn.Module):
         hidden = mlp.act_fn(project("gate_proj", x_NH)) * project("up_proj", x_NH)
         return project("down_proj", hidden).view(*lead, -1)
 
+    # ----- what evaluation harnesses expect of a Hugging Face causal LM ------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def name_or_path(self) -> str:
+        return f"mixture({','.join(self.expert_ids) or 'base'})"
+
+    def tie_weights(self) -> None:
+        """The base model's embeddings are already tied (or not) as it was built."""
+
     # ----- forward ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, return_routing: bool = False, **kwargs):
         """The base model's forward with routed MLPs; with ``return_routing`` also the list of

@@ -31,6 +31,8 @@ os.environ.update(
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SESSION_HOME / "prefect" / "results"),
         "TORCH_EXTENSIONS_DIR": str(CACHE.parent / "torch_extensions"),
         "TOKENIZERS_PARALLELISM": "false",
+        # A loaded 2-core machine can take longer than the default 20 s to start the local API.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
 )
 os.environ.pop("PREFECT_API_URL", None)
