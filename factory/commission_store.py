@@ -6,7 +6,8 @@ sha256(spec_sha256 ":" dataset_sha256), so submitting the same spec over the sam
 idempotent. States move only along::
 
     submitted -> validated -> running -> registered | failed | cancelled
-    running -> running (a resumed run);  submitted | validated -> failed | cancelled
+    running -> running (a resumed run);  failed -> running (a retried run);
+    submitted | validated -> failed | cancelled
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "validated": frozenset({"running", "failed", "cancelled"}),
     "running": frozenset({"running", "registered", "failed", "cancelled"}),
     "registered": frozenset(),
-    "failed": frozenset(),
+    # A failure may be the factory's own (a lost worker, an unreachable store): retrying resumes
+    # from the committed steps, so failed is not final.
+    "failed": frozenset({"running"}),
     "cancelled": frozenset(),
 }
 

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow
 
 from factory.commission import CommissionSpec, load_spec
+from factory.commission_store import CommissionStore
 from flows.cycle import CycleInputs, cycle_flow
 from flows.steps import (
     Job,
@@ -25,20 +26,34 @@ from flows.steps import (
     open_job,
     plot_pol,
 )
+from infra.atomic import atomic_write_json
 from infra.settings import Settings, get_settings
 from tasks.intake import intake_task
 
+SUMMARY_FILE = "summary.json"
 #: stop early when the held-out gain stays under this (relative) for two cycles in a row
 EARLY_STOP_GAIN = 0.002
 
 
 @flow(name="commission", log_prints=True)
-def commission_flow(spec_path: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Runs one commission end to end and returns its summary (see :func:`print_summary`)."""
+def commission_flow(
+    spec_path: str, settings: Settings | None = None, warm_start: str | None = None
+) -> dict[str, Any]:
+    """Runs one commission end to end and returns its summary (see :func:`print_summary`).
+
+    ``warm_start``: a library expert (``name`` or ``name@alias``) the production lines start
+    from instead of the base; retraining passes the expert's champion.
+    """
     settings = settings or get_settings()
     spec = load_spec(Path(spec_path))
     intake = intake_task(Path(spec_path), settings)
-    job = open_job(intake, spec, settings)
+    done = settings.home / "commissions" / intake["commission_id"] / SUMMARY_FILE
+    # The store, not the (possibly cached) intake result, knows the commission's state now.
+    state = CommissionStore(settings.db_url).get(intake["commission_id"]).state
+    if state == "registered" and done.exists():
+        print(f"[commission {intake['commission_id']}] already registered; nothing to do")
+        return json.loads(done.read_text())
+    job = open_job(intake, spec, settings, warm_start)
     try:
         cycles = run_cycles(job, spec, settings)
         expert_dir = build_expert(job, spec, cycles)
@@ -49,8 +64,10 @@ def commission_flow(spec_path: str, settings: Settings | None = None) -> dict[st
     except BaseException as exc:
         job.fail(settings, exc)
         raise
+    summary = summarize(job, spec, cycles, composed, bench, registered)
+    atomic_write_json(job.root / SUMMARY_FILE, summary)
     job.finish(settings, registered)
-    return summarize(job, spec, cycles, composed, bench, registered)
+    return summary
 
 
 def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[dict[str, Any]]:

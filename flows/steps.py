@@ -96,9 +96,10 @@ def slug(text: str) -> str:
 
 
 def open_job(
-    intake: dict[str, Any], spec: CommissionSpec, settings: Settings, parent_dir: Path | None = None
+    intake: dict[str, Any], spec: CommissionSpec, settings: Settings, warm_start: str | None = None
 ) -> Job:
-    """Marks the commission running, opens (or reopens) its MLflow run, packs the general set."""
+    """Marks the commission running, opens (or reopens) its MLflow run, packs the general set,
+    and stages the warm-start expert (at the commission's LoRA rank) when one is named."""
     from factory.base_model import PRESETS, base_model_sha256
     from factory.corpus import general_heldout_text
     from factory.data.packing import pack_rows
@@ -113,6 +114,7 @@ def open_job(
     general = pack_rows(
         general_heldout_text(), base_path, intake["seq_len"], settings.home / "cache" / "packs"
     )
+    parent_dir = _stage_warm_start(root, spec, settings, warm_start) if warm_start else None
     t = tracking.configure(settings)
     run_file = root / "mlflow_run.json"
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
@@ -142,6 +144,29 @@ def open_job(
         run_id=run_id,
         tracking_uri=settings.tracking_uri,
     )
+
+
+def _stage_warm_start(root: Path, spec: CommissionSpec, settings: Settings, name: str) -> Path:
+    """Downloads a library expert and re-compresses it to the spec's rank when it differs."""
+    from factory.expert import write_adapter_files
+    from factory.library import ExpertLibrary
+    from infra.atomic import committed_dir
+    from merging.lora_algebra import recompress
+
+    folder = root / "warm_start"
+    if verify_committed(folder):
+        return folder
+    name, _, ref = name.partition("@")
+    source = ExpertLibrary(settings).download(name, ref or "champion", root / "warm_start.src",
+                                              overwrite=True)  # fmt: skip
+    expert = load_expert(source)
+    adapter, config = expert.adapter, expert.adapter_config
+    if int(config["r"]) != spec.expert.rank:
+        packed = recompress(adapter, config, spec.expert.rank)
+        adapter, config = packed.adapter, packed.adapter_config
+    with committed_dir(folder, overwrite=True) as tmp:
+        write_adapter_files(tmp, adapter, config)
+    return folder
 
 
 def build_expert(job: Job, spec: CommissionSpec, cycles: list[dict[str, Any]]) -> Path:

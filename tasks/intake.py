@@ -34,9 +34,9 @@ def intake(
     data_sha = dataset_sha256(files)
     store = CommissionStore(settings.db_url)
     record = store.submit(spec, spec_sha, data_sha)
-    if record.state in ("failed", "cancelled", "registered"):
+    if record.state == "cancelled":
         raise ValueError(
-            f"commission {record.commission_id} is already {record.state}; change the spec "
+            f"commission {record.commission_id} was cancelled; change the spec "
             "(for example its seed) to commission it again"
         )
     base = base_model_folder(spec, settings)

@@ -58,6 +58,9 @@ def test_cancel_fail_and_bad_input(store):
     cid2 = store.submit(SPEC, spec_sha256(SPEC), DATA_B).commission_id
     store.set_state(cid2, "failed", "held-out too small")
     assert store.get(cid2).detail == "held-out too small"
+    with pytest.raises(ValueError, match="cannot go from failed to registered"):
+        store.set_state(cid2, "registered")
+    assert store.set_state(cid2, "running", "retried").state == "running"
     with pytest.raises(ValueError, match="state 'done': use one of"):
         store.set_state(cid2, "done")
     with pytest.raises(ValueError, match="commission 'c-nope' not found"):
