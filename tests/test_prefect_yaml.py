@@ -1,0 +1,147 @@
+"""prefect.yaml: every deployment loads, validates and schedules; the retrain deployment runs once.
+
+The last test runs the ``retrain`` deployment's entrypoint, loaded from prefect.yaml, with the
+deployment's parameters plus test overrides, on a copy of the ``tiny_commission`` fixture's home
+(a copy, so the fixture's own library keeps exactly one version for the tests that count them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from datetime import UTC, datetime
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in SPEC["deployments"]}
+
+
+def load_entrypoint(deployment: dict):
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, _, name = deployment["entrypoint"].partition(":")
+    return load_flow_from_entrypoint(f"{REPO / path}:{name}")
+
+
+def test_prefect_yaml_parses_as_prefect_deploy_reads_it():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(SPEC)
+    assert [d.name for d in model.deployments] == ["commission", "retrain"]
+    assert model.prefect_version.startswith("3.9")
+
+
+def test_pull_step_resolves_the_repo_dir_from_the_environment(monkeypatch, tmp_path):
+    from prefect.utilities.templating import apply_values
+
+    (step,) = SPEC["pull"]
+    monkeypatch.setenv("TAAS_REPO_DIR", str(tmp_path))
+    resolved = apply_values(step, {})  # env placeholders resolve from os.environ
+    assert resolved == {
+        "prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}
+    }
+
+
+@pytest.mark.parametrize("name", ["commission", "retrain"])
+def test_deployment_entrypoint_loads_and_parameters_validate(name):
+    import inspect
+
+    deployment = DEPLOYMENTS[name]
+    flow = load_entrypoint(deployment)
+    assert flow.name == name
+    validated = flow.validate_parameters(deployment["parameters"])
+    assert {k: validated[k] for k in deployment["parameters"]} == deployment["parameters"]
+    assert set(deployment["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+    with pytest.raises(Exception, match="not_a_parameter"):
+        flow.validate_parameters({**deployment["parameters"], "not_a_parameter": 1})
+
+
+@pytest.mark.parametrize("name", ["commission", "retrain"])
+def test_deployment_has_concurrency_limit_work_pool_and_tags(name):
+    deployment = DEPLOYMENTS[name]
+    assert isinstance(deployment["concurrency_limit"], int)
+    assert deployment["concurrency_limit"] >= 1
+    assert deployment["work_pool"]["name"] == "factory"
+    assert "taas" in deployment["tags"]
+
+
+def test_commission_deployment_spec_path_is_a_valid_spec():
+    from factory.commission import load_spec
+
+    spec = load_spec(REPO / DEPLOYMENTS["commission"]["parameters"]["spec_path"])
+    assert spec.domain == "legal-licences"
+
+
+def test_retrain_runs_daily_at_three_utc():
+    from prefect.server.schemas.schedules import CronSchedule
+
+    (schedule,) = DEPLOYMENTS["retrain"]["schedules"]
+    cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    dates = asyncio.run(cron.get_dates(n=2, start=start))
+    assert [(d.day, d.hour, d.minute) for d in dates] == [(1, 3, 0), (2, 3, 0)]
+    assert schedule["active"] is True
+    assert DEPLOYMENTS["retrain"]["concurrency_limit"] == 1  # two retrains must never overlap
+    assert "schedules" not in DEPLOYMENTS["commission"]
+
+
+@pytest.mark.slow
+def test_retrain_deployment_runs_once(tiny_commission, tmp_path):
+    from factory.library import ExpertLibrary
+    from infra.settings import get_settings
+
+    original = tiny_commission["settings"]
+    home = tmp_path / "home"
+    shutil.copytree(original.home, home)
+    # A separate experiment keeps this run's new artifacts inside the copy.
+    settings = get_settings(
+        home=home,
+        data_roots=original.data_roots,
+        base_model_dir=original.base_model_dir,
+        mlflow_experiment="taas-factory-retrain",
+    )
+    name = tiny_commission["summary"]["registered"]["name"]
+    library = ExpertLibrary(settings)
+    first = library.show(name, "champion")
+    assert first.version == "1"
+
+    deployment = DEPLOYMENTS["retrain"]
+    flow = load_entrypoint(deployment)
+    params = {**deployment["parameters"], "settings": settings, "experts": [name]}
+
+    # Young champion, unchanged data: nothing is due, nothing is trained.
+    quiet = flow(**flow.validate_parameters(params))
+    assert quiet == {
+        name: {"due": None, "commission_id": None, "version": None, "promoted": False,
+               "gate_reasons": []}
+    }  # fmt: skip
+
+    report = flow(**flow.validate_parameters({**params, "max_age_days": 0}))
+    entry = report[name]
+    assert entry["due"] == "age"
+    assert entry["version"] == "2"
+    assert entry["commission_id"] != first.tags["commission_id"]
+    derived = yaml.safe_load((home / "retrain" / name / "1" / "spec.yaml").read_text())
+    assert derived["seed"] == 3 + 1 and derived["budget"]["cycles"] == 1
+
+    lineage = library.lineage(name)
+    assert [row["version"] for row in lineage] == ["1", "2"]
+    second = library.show(name, "2")
+    decision = json.loads(second.tags["gate_decision"])
+    assert decision["promote"] == entry["promoted"]
+    assert decision["reasons"] == entry["gate_reasons"]
+    assert decision["previous_champion"] == "1"
+    champion = library.show(name, "champion").version
+    if entry["promoted"]:
+        assert champion == "2" and "champion" in second.aliases
+    else:
+        assert champion == "1" and "challenger" in second.aliases and entry["gate_reasons"]
+    # warm start from the champion: the new version's parent is version 1's adapter
+    assert second.tags["parent_adapter_sha256"] == first.tags["adapter_sha256"] != ""
+    assert second.tags["adapter_sha256"] != first.tags["adapter_sha256"]
+    assert second.tags["dataset_sha256"] == first.tags["dataset_sha256"]
