@@ -7,13 +7,21 @@ L decoder layers.
 Routing at decoder layer ``l`` is computed once from the MLP input ``x_NH`` (the hidden state after
 the post-attention norm) and shared by the layer's three projections:
 
-    expert_logits_NE = x_NH @ router_rows[l]^T          (row e = expert e's router row at layer l)
-    null_logit_N     = x_NH @ null_rows[l] + null_bias[l]   (the "base only" route)
+    u_NH             = x_NH - router_center[l]          (the centered router input)
+    expert_logits_NE = u_NH @ router_rows[l]^T          (row e = expert e's router row at layer l)
+    null_logit_N     = u_NH @ null_rows[l] + null_bias[l]   (the "base only" route)
     probs_N(E+1)     = softmax([expert_logits, null_logit] / temperature)
     chosen = top-k of probs (k = min(top_k, E+1)); weights = probs[chosen] / sum(probs[chosen])
 
 The null route is a learnable per-layer row and bias owned by the mixture (not by any expert);
-both start at zero and are trained by router annealing. Each projection P in gate/up/down becomes
+both start at zero and are trained by router annealing. ``router_center`` is a fixed per-layer
+mean of MLP inputs, also owned by the mixture: raw MLP inputs of any two domains share a large
+common component (their layer means have cosine ~0.99 on the tiny base), which would make every
+row's logit mostly that shared part; subtracting it leaves the part that tells domains apart.
+It starts at zero (no centering) and is set once, by the first router annealing; every expert's
+rows are relative to it, so it travels with the null route (:meth:`MixtureModel.null_route`).
+
+Each projection P in gate/up/down becomes
 
     out = W_P x_P + sum_{e in chosen, e != null} weight_e * scaling_e * B_e A_e x_P
 
@@ -50,6 +58,9 @@ class LayerRouting:
     route_ids_BTK: torch.Tensor  # index into MixtureModel.expert_ids; -1 is the null (base) route
     weights_BTK: torch.Tensor  # renormalized over the chosen routes: sums to 1 per token
     probs_BTR: torch.Tensor  # full softmax over E + 1 routes, the null route last
+    # logits / temperature behind probs_BTR; keeps its autograd graph when grad is enabled, so a
+    # routing loss can be taken from the trace. None under a forced route.
+    logits_BTR: torch.Tensor | None = None
 
 
 def lora_scaling(adapter_config: dict) -> float:
@@ -107,6 +118,7 @@ class MixtureModel(nn.Module):
         self.router_rows = nn.Parameter(param.new_zeros(self.num_layers, 0, self.hidden_size))
         self.null_rows = nn.Parameter(param.new_zeros(self.num_layers, self.hidden_size))
         self.null_bias = nn.Parameter(param.new_zeros(self.num_layers))
+        self.register_buffer("router_center", param.new_zeros(self.num_layers, self.hidden_size))
         self._forced: int | None = None  # None: learned routing; -1: base only; e: expert e
         self._trace: list[LayerRouting] | None = None
         self._captured: list[list[torch.Tensor]] | None = None
@@ -176,15 +188,51 @@ class MixtureModel(nn.Module):
         return twin
 
     def null_route(self) -> dict[str, torch.Tensor]:
+        """The mixture's own router state: null rows [L, H], null bias [L], router center [L, H].
+
+        Saved with an expert as ``null_route.safetensors``; experts' rows only make sense with
+        the center they were annealed under, so the center is part of this state."""
         return {
             "null_rows": self.null_rows.detach().clone(),
             "null_bias": self.null_bias.detach().clone(),
+            "router_center": self.router_center.detach().clone(),
         }
 
     def load_null_route(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads :meth:`null_route` output; a state saved before centering existed (no
+        ``router_center``) means no centering. Other keys in ``state`` are ignored."""
         with torch.no_grad():
             self.null_rows.copy_(state["null_rows"])
             self.null_bias.copy_(state["null_bias"])
+            center = state.get("router_center")
+            self.router_center.copy_(
+                torch.zeros_like(self.router_center) if center is None else center
+            )
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        """Everything routing depends on: :meth:`null_route` plus every expert's rows
+        (``rows.<expert_id>``, [L, H])."""
+        rows = self.router_rows.detach()
+        experts = {f"rows.{e}": rows[:, i].clone() for i, e in enumerate(self.expert_ids)}
+        return {**self.null_route(), **experts}
+
+    def load_router_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads :meth:`router_state` output; experts without ``rows.<id>`` keep their rows."""
+        self.load_null_route(state)
+        with torch.no_grad():
+            for index, expert_id in enumerate(self.expert_ids):
+                if f"rows.{expert_id}" in state:
+                    self.router_rows[:, index] = state[f"rows.{expert_id}"]
+
+    def set_router_center(self, center_LH: torch.Tensor) -> None:
+        """Sets the per-layer center subtracted from router inputs (see the module docstring)."""
+        if tuple(center_LH.shape) != tuple(self.router_center.shape):
+            raise ValueError(
+                f"router center has shape {tuple(center_LH.shape)}; expected "
+                f"[num_layers, hidden_size] = {list(self.router_center.shape)}"
+            )
+        with torch.no_grad():
+            self.router_center.copy_(center_LH)
 
     def _restack(self) -> None:
         """Stacks every expert's LoRA factors per projection: A [L,E,R,D], B*scaling [L,E,O,R]."""
@@ -226,26 +274,28 @@ class MixtureModel(nn.Module):
             self._forced = previous
 
     def route(self, layer: int, x_NH: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(route_ids_NK with -1 = null, weights_NK, probs_N(E+1)) for one layer's MLP input."""
+        """(route_ids_NK with -1 = null, weights_NK, probs_N(E+1), logits_N(E+1) / temperature or
+        None under a forced route) for one layer's MLP input."""
         num_experts = len(self.experts)
         if self._forced is not None:
             ids = x_NH.new_full((x_NH.shape[0], 1), self._forced, dtype=torch.long)
             probs = x_NH.new_zeros(x_NH.shape[0], num_experts + 1)
             probs[:, self._forced] = 1.0  # index -1 is the null column, last
-            return ids, torch.ones_like(ids, dtype=x_NH.dtype), probs
-        null_N1 = (x_NH @ self.null_rows[layer] + self.null_bias[layer]).unsqueeze(-1)
-        logits = torch.cat([x_NH @ self.router_rows[layer].T, null_N1], -1) / self.temperature
+            return ids, torch.ones_like(ids, dtype=x_NH.dtype), probs, None
+        u_NH = x_NH - self.router_center[layer]
+        null_N1 = (u_NH @ self.null_rows[layer] + self.null_bias[layer]).unsqueeze(-1)
+        logits = torch.cat([u_NH @ self.router_rows[layer].T, null_N1], -1) / self.temperature
         probs = logits.softmax(-1)
         top_p, top_ids = probs.topk(min(self.top_k, num_experts + 1), dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
-        return torch.where(top_ids == num_experts, -1, top_ids), weights, probs
+        return torch.where(top_ids == num_experts, -1, top_ids), weights, probs, logits
 
     def _mlp_forward(self, layer: int, mlp: nn.Module, x_BTH: torch.Tensor) -> torch.Tensor:
         lead = x_BTH.shape[:-1]
         x_NH = x_BTH.reshape(-1, x_BTH.shape[-1])
         if self._captured is not None:
             self._captured[layer].append(x_NH.detach())
-        ids_NK, weights_NK, probs = self.route(layer, x_NH)
+        ids_NK, weights_NK, probs, logits = self.route(layer, x_NH)
         if self._trace is not None:
             self._trace.append(
                 LayerRouting(
@@ -253,6 +303,7 @@ class MixtureModel(nn.Module):
                     ids_NK.view(*lead, -1),
                     weights_NK.detach().view(*lead, -1),
                     probs.detach().view(*lead, -1),
+                    None if logits is None else logits.view(*lead, -1),
                 )
             )
         if not self.experts or self._forced == -1:

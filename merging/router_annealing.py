@@ -1,17 +1,33 @@
 """Router annealing: fit a new expert's router rows into a mixture, then decide whether to keep it.
 
-1. The new expert's row at layer l starts at the centroid (mean) of the MLP inputs of its
-   domain's training tokens at layer l, under the mixture before the addition. If replay blocks
-   named "general" are given and the mixture's null route is still untrained (all zero), the null
-   row starts at the general text's centroid the same way.
-2. Only router parameters train: the new expert's rows and the mixture's null route (row and
-   bias). The base model and every expert's LoRA factors are frozen, and the other experts' rows
-   stay as they are (they belong to their own expert folders).
+0. Router inputs are centered (see :mod:`factory.mixture`). If the mixture's center is still
+   unset (all zero), it is set to the mean of the per-set mean MLP inputs over the new domain and
+   every replay set (each set weighs the same, whatever its size), under the mixture before the
+   addition. Once set, it never changes: existing rows are relative to it.
+1. The new expert's row at layer l starts at the centered centroid of its domain: the mean MLP
+   input of its training tokens at layer l minus the center. If replay blocks named "general"
+   are given and the mixture's null route is still untrained (rows and bias all zero), the null
+   row starts at the general text's centered centroid the same way.
+2. Only router parameters train: the rows and the mixture's null route (row and bias). The base
+   model and every expert's LoRA factors are frozen; existing experts' rows train only with
+   ``train_existing_rows``.
 3. Each step's batch mixes new-domain blocks with replay blocks (``replay_fraction`` of the rows,
-   drawn round-robin over the replay sets). Loss = mean next-token cross-entropy
-   + ``load_balance`` * (R * sum_r f_r * P_r), the Switch-Transformer balance term over the R =
-   E + 1 routes, where f_r is the share of tokens whose top-1 route is r and P_r the mean
-   routing probability of r (averaged over layers).
+   drawn round-robin over the replay sets). Loss = LM + route_supervision * ROUTE
+   + load_balance * BALANCE, where
+
+   - LM is the mean next-token cross-entropy of the mixture on the batch;
+   - ROUTE is supervised router calibration: the mean over layers and tokens of the
+     cross-entropy -log p_label(token) of the router's distribution (softmax of logits /
+     temperature over the E + 1 routes) toward the route its block belongs to: the new domain's
+     blocks -> the new expert, replay blocks named after an expert in the mixture -> that
+     expert, replay blocks named "general" -> the null route; blocks of any other replay set
+     carry no label and do not enter ROUTE. Annealing runs on data whose domain is known, and
+     LM alone does not separate domains whose hidden states differ little (two experts that
+     both lower the loss a bit on each other's text win each other's tokens); this term uses
+     the labels directly;
+   - BALANCE = R * sum_r f_r * P_r, the Switch-Transformer balance term over the R = E + 1
+     routes, f_r the share of tokens whose top-1 route is r and P_r the mean routing
+     probability of r (averaged over layers; gradient flows through P_r only).
 4. The softmax temperature follows :func:`temperature_at`, from soft (high) to sharp (low).
 
 The input mixture is never modified: annealing works on a copy, and :func:`accept_addition`
@@ -45,6 +61,8 @@ class AnnealConfig(BaseModel):
     schedule: Literal["cosine", "linear", "exponential"] = "cosine"
     load_balance: float = Field(default=0.0, ge=0)
     replay_fraction: float = Field(default=0.5, ge=0, le=1)
+    # Weight of the supervised routing term ROUTE (module docstring, step 3); 0 turns it off.
+    route_supervision: float = Field(default=3.0, ge=0)
     top_k: int = Field(default=2, ge=1)
     batch_size: int = Field(default=8, ge=1)
     train_existing_rows: bool = True
@@ -92,7 +110,7 @@ class AnnealResult:
 def _balance_term(trace) -> torch.Tensor:
     terms = []
     for routing in trace:
-        probs = routing.probs_BTR.reshape(-1, routing.probs_BTR.shape[-1])
+        probs = routing.logits_BTR.reshape(-1, routing.logits_BTR.shape[-1]).softmax(-1)
         num_routes = probs.shape[-1]
         top1 = routing.route_ids_BTK[..., 0].reshape(-1) % num_routes
         share = torch.bincount(top1, minlength=num_routes).to(probs.dtype) / top1.numel()
@@ -100,13 +118,44 @@ def _balance_term(trace) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def _batch(domain_blocks, replay_blocks, cfg: AnnealConfig, step: int, generator) -> torch.Tensor:
+def route_loss(trace, labels_B: torch.Tensor) -> torch.Tensor:
+    """ROUTE of the module docstring: mean over layers of the mean over labelled tokens of
+    -log softmax(logits_BTR)[label]; a block's label applies to all its tokens, -100 = none."""
+    terms = []
+    for routing in trace:
+        logits_BTR = routing.logits_BTR
+        labels_BT = labels_B[:, None].expand(logits_BTR.shape[:2])
+        terms.append(
+            torch.nn.functional.cross_entropy(
+                logits_BTR.reshape(-1, logits_BTR.shape[-1]), labels_BT.reshape(-1)
+            )
+        )
+    return torch.stack(terms).mean()
+
+
+def _route_labels(names: list[str], expert_ids: list[str], new_id: str) -> dict[str, int]:
+    """{block set name: route column}; the null route is the last column (index E)."""
+    labels = {new_id: expert_ids.index(new_id), "general": len(expert_ids)}
+    labels.update({n: expert_ids.index(n) for n in names if n in expert_ids})
+    return labels
+
+
+def _batch(domain_blocks, replay_blocks, cfg: AnnealConfig, step: int, generator):
+    """(blocks [B, T], the name of the set each block came from; None = the new domain)."""
     num_replay = round(cfg.batch_size * cfg.replay_fraction) if replay_blocks else 0
-    pools = [domain_blocks] * (cfg.batch_size - num_replay)
+    sources: list[str | None] = [None] * (cfg.batch_size - num_replay)
     names = sorted(replay_blocks)
-    pools += [replay_blocks[names[(step + i) % len(names)]] for i in range(num_replay)]
-    rows = [pool[int(torch.randint(0, pool.shape[0], (1,), generator=generator))] for pool in pools]
-    return torch.stack(rows)
+    sources += [names[(step + i) % len(names)] for i in range(num_replay)]
+    rows = []
+    for source in sources:
+        pool = domain_blocks if source is None else replay_blocks[source]
+        rows.append(pool[int(torch.randint(0, pool.shape[0], (1,), generator=generator))])
+    return torch.stack(rows), sources
+
+
+def _set_means(mixture: MixtureModel, blocks: torch.Tensor) -> torch.Tensor:
+    """[L, H]: per layer, the mean MLP input over every token of ``blocks``."""
+    return torch.stack([x.mean(0) for x in mixture.mlp_inputs(blocks)])
 
 
 def anneal_router(
@@ -121,15 +170,21 @@ def anneal_router(
         raise ValueError("domain_blocks must be a non-empty [N, T] LongTensor of token ids")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    centroids = torch.stack([x.mean(0) for x in mixture.mlp_inputs(domain_blocks)])
+    names = sorted(replay_blocks)
+    means = {name: _set_means(mixture, replay_blocks[name]) for name in names}
+    domain_mean = _set_means(mixture, domain_blocks)
     after = mixture.copy()
     after.top_k = cfg.top_k
-    untrained_null = not any(t.abs().sum() > 0 for t in after.null_route().values())
-    if "general" in replay_blocks and untrained_null:
-        general = torch.stack([x.mean(0) for x in mixture.mlp_inputs(replay_blocks["general"])])
-        after.load_null_route({"null_rows": general, "null_bias": after.null_bias.detach()})
-    after.add_expert(new_expert, centroids)
+    if not bool(after.router_center.any()):
+        after.set_router_center(torch.stack([domain_mean, *means.values()]).mean(0))
+    center = after.router_center.detach().clone()
+    untrained_null = not (after.null_rows.detach().any() or after.null_bias.detach().any())
+    if "general" in means and untrained_null:
+        with torch.no_grad():
+            after.null_rows.copy_(means["general"] - center)
+    after.add_expert(new_expert, domain_mean - center)
     new_index = len(after.experts) - 1
+    labels = _route_labels(names, after.expert_ids, new_expert.manifest.expert_id)
     mask = torch.zeros_like(after.router_rows)
     mask[:, new_index] = 1.0
     if cfg.train_existing_rows:
@@ -141,9 +196,14 @@ def anneal_router(
     losses, temperatures = [], []
     for step in range(cfg.steps):
         after.temperature = temperature_at(step, cfg)
-        batch = _batch(domain_blocks, replay_blocks, cfg, step, generator)
+        batch, sources = _batch(domain_blocks, replay_blocks, cfg, step, generator)
         output, trace = after(batch, labels=batch, return_routing=True)
         loss = output.loss
+        if cfg.route_supervision > 0:
+            ids = [labels.get(new_expert.manifest.expert_id if s is None else s, -100)
+                   for s in sources]  # fmt: skip
+            if any(i >= 0 for i in ids):
+                loss = loss + cfg.route_supervision * route_loss(trace, torch.tensor(ids))
         if cfg.load_balance > 0:
             loss = loss + cfg.load_balance * _balance_term(trace)
         loss.backward()

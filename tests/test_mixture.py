@@ -161,3 +161,43 @@ def test_cli_generate_prints_tokens_with_experts(tiny_base, tmp_path, capsys):
     assert len(lines) >= 2
     assert any("digits-expert" in line or "base" in line or "licence" in line for line in lines)
     assert main(["generate", "--experts", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+
+
+def test_router_state_round_trips_through_safetensors(tiny_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    mixture, _ = _mixture(tiny_base)
+    blocks = _blocks(tiny_base)
+    generator = torch.Generator().manual_seed(3)
+    mixture.set_router_center(torch.randn(2, 32, generator=generator))
+    with torch.no_grad():
+        mixture.null_rows.copy_(torch.randn(2, 32, generator=generator))
+        mixture.null_bias.fill_(0.5)
+        before, trace = mixture(blocks, return_routing=True)
+    # The center changes routing: the same rows with no center route differently.
+    twin = mixture.copy()
+    twin.set_router_center(torch.zeros(2, 32))
+    with torch.no_grad():
+        _, uncentered = twin(blocks, return_routing=True)
+    assert not torch.equal(uncentered[0].probs_BTR, trace[0].probs_BTR)
+    # null_route() carries the center (flows save it as null_route.safetensors)...
+    save_file(mixture.null_route(), str(tmp_path / "null_route.safetensors"))
+    save_file(mixture.router_state(), str(tmp_path / "router_state.safetensors"))
+    base, _ = load_base(tiny_base.path)
+    reloaded = MixtureModel.from_experts(base, list(mixture.experts))
+    reloaded.load_router_state(load_file(str(tmp_path / "router_state.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(reloaded(blocks).logits, before.logits)
+    again = mixture.copy()
+    again.load_null_route(load_file(str(tmp_path / "null_route.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(again(blocks).logits, before.logits)
+    # ...and a null route saved before centering existed loads as "no center".
+    again.load_null_route({"null_rows": mixture.null_rows, "null_bias": mixture.null_bias})
+    assert again.router_center.abs().sum() == 0
+    try:
+        mixture.set_router_center(torch.zeros(3, 32))
+    except ValueError as exc:
+        assert "num_layers" in str(exc)
+    else:
+        raise AssertionError("a center of the wrong shape must be refused")
