@@ -82,6 +82,7 @@ class HeldoutSection(_Section):
 
 
 class MergeSection(_Section):
+    space: Literal["delta", "factors"] = "delta"
     outer_lr: float = Field(default=1.0, gt=0)
     top_k: int | None = Field(default=None, ge=1)
     power: float = Field(default=1.0, gt=0)

@@ -252,6 +252,7 @@ def evaluate_and_merge(inputs: CycleInputs, plan: dict, candidates: list[str], s
         current_adapter=parent,
     )
     merge_cfg = MergeConfig(
+        space=spec.merge.space,
         outer_lr=spec.merge.outer_lr,
         top_k=spec.merge.top_k,
         power=spec.merge.power,
@@ -270,7 +271,7 @@ def evaluate_and_merge(inputs: CycleInputs, plan: dict, candidates: list[str], s
         )  # fmt: skip
         parent_config = config if parent is not None else None
         search = alpha_search_task(
-            parent, parent_config, outcome.adapter, config,
+            parent, parent_config, outcome.adapter, outcome.adapter_config,
             spec.wise_ft.alpha_grid, evaluator, general, spec.wise_ft.regression_budget,
         )  # fmt: skip
     return outcome, search, evaluator

@@ -1,5 +1,17 @@
 """The score-weighted outer step that merges accepted candidates into the next version.
 
+Two spaces to merge LoRA adapters in:
+
+- delta space (:func:`delta_outer_step`, the default): on the effective weight deltas
+  ``delta_W = s * B @ A``. The merged delta is
+  ``(1 - lr) * delta_W_current + lr * sum_i w_i delta_W_i`` (weights normalized), stored exactly as
+  one stacked-rank LoRA (rank ``r_current + sum_i r_i``, terms with coefficient 0 left out), so
+  nothing is lost. Averaging the factors instead is not averaging the deltas:
+  ``mean(B) @ mean(A) != mean(B @ A)`` (the cross terms ``B_i A_j`` are noise), which is why a
+  factor-space merge of two good candidates can be worse than either.
+- factor space (:func:`outer_step`): on the raw tensors (A and B averaged separately); the only
+  space with Nesterov momentum. Described below.
+
 Given the current adapter theta (None: the base, i.e. every parameter zero) and candidates
 theta_i with weights w_i (normalized to sum 1), the pseudo-gradient is
 ``g = sum_i w_i (theta_i - theta) = (sum_i w_i theta_i) - theta`` and
@@ -18,6 +30,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from merging.lora_algebra import stack_terms
 
 Adapter = dict[str, torch.Tensor]
 
@@ -105,3 +119,41 @@ def outer_step(
             new_momentum[key] = velocity.to(dtype)
         new[key] = updated.to(dtype).contiguous()
     return new, (new_momentum if nesterov_momentum > 0 else None)
+
+
+def delta_outer_step(
+    current: Adapter | None,
+    current_config: dict | None,
+    candidates: list[Adapter],
+    candidate_config: dict,
+    weights: list[float],
+    lr: float,
+) -> tuple[Adapter, dict]:
+    """The outer step on effective deltas; returns (stacked adapter, its adapter_config).
+
+    ``delta_W' = (1 - lr) * delta_W_current + lr * sum_i w_i delta_W_i`` with ``w`` normalized to
+    sum 1; ``current`` None is the zero delta (the base). Terms with coefficient 0 (lr 1 for the
+    current term, weight 0 for a candidate) are left out of the stack. The config is
+    ``candidate_config`` at the stacked rank with its lora_alpha kept (see
+    :func:`merging.lora_algebra.stack_terms`); a single candidate at lr 1 returns that candidate
+    and its config bit for bit.
+    """
+    if not candidates:
+        raise ValueError("candidates: at least one candidate is needed for an outer step")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    w = _normalized(weights, len(candidates))
+    terms: list[tuple[Adapter, dict, float]] = []
+    if current is not None and lr != 1.0:
+        if current_config is None:
+            raise ValueError("current_config: required when a current adapter is given")
+        terms.append((current, current_config, 1.0 - lr))
+    terms.extend(
+        (cand, candidate_config, lr * wi) for cand, wi in zip(candidates, w, strict=True) if wi > 0
+    )
+    keys = sorted(candidates[0])
+    if any(sorted(cand) != keys for cand in candidates[1:]):
+        raise ValueError("candidates: all candidates must have the same keys")
+    if current is not None and sorted(current) != keys:
+        raise ValueError("current: keys differ from the candidates' keys")
+    return stack_terms(terms, candidate_config)

@@ -7,12 +7,14 @@
 3. L(candidate) for each accepted one, then the same-loss duplicate screen;
 4. scores ``max(0, L(current) - L(candidate)) ** power`` (rejected: 0), weights over the positive
    scores (top_k), so a candidate that does not lower the loss is never merged;
-5. the outer step over the weighted candidates, and L(new);
+5. the outer step over the weighted candidates (``space`` "delta": on effective LoRA deltas, exact
+   at the stacked rank; "factors": A and B averaged separately, with optional Nesterov momentum),
+   and L(new) under the merged adapter's own config;
 6. reward shares per contributor (the sum of its candidates' weights), recorded in the ledger.
 
 When no candidate scores above 0, or the merged adapter's loss is not below L(current), the
-current adapter stays (``improved`` False, the momentum state unchanged). Shares follow the
-weights either way: a contributor whose candidate lowered the loss did the work.
+current adapter and its config stay (``improved`` False, the momentum state unchanged). Shares
+follow the weights either way: a contributor whose candidate lowered the loss did the work.
 """
 
 from __future__ import annotations
@@ -20,30 +22,45 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evaluation.gate import GateContext, GateDecision, screen_candidates, screen_losses
 from evaluation.proof_of_loss import LossReport, PolEvaluator, pol_score
 from factory.candidate import CandidateFiles
 from factory.hashing import tensors_sha256
-from merging.aggregate import merge_weights, outer_step
+from merging.aggregate import delta_outer_step, merge_weights, outer_step
 from merging.rewards import reward_shares
 
 Adapter = dict[str, torch.Tensor]
 
 
 class MergeConfig(BaseModel):
-    """How a cycle merges: outer learning rate, top_k candidates, score power, Nesterov mu."""
+    """How a cycle merges: space, outer learning rate, top_k candidates, score power, Nesterov mu.
+
+    ``space`` "delta" merges effective LoRA deltas exactly (the merged adapter has the stacked
+    rank); "factors" averages A and B separately and is the only space with Nesterov momentum.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    space: Literal["delta", "factors"]
     outer_lr: float = Field(gt=0, le=2)
     top_k: int | None = Field(ge=1)
     power: float = Field(gt=0, le=4)
     nesterov_momentum: float = Field(ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _momentum_needs_factor_space(self) -> MergeConfig:
+        if self.nesterov_momentum > 0 and self.space == "delta":
+            raise ValueError(
+                f"merge.nesterov_momentum is {self.nesterov_momentum} but Nesterov momentum is"
+                " only available in factor space: set merge.nesterov_momentum to 0 or"
+                " merge.space to 'factors'"
+            )
+        return self
 
 
 @dataclass
@@ -56,6 +73,7 @@ class CycleOutcome:
     weights: list[float]  # aligned with decisions
     shares: dict[str, Decimal]
     adapter: Adapter | None
+    adapter_config: dict[str, Any]  # the config `adapter` is evaluated under (stacked rank: delta)
     adapter_sha256: str | None
     new_loss: LossReport
     improved: bool
@@ -100,21 +118,37 @@ def merge_cycle(
     weights = merge_weights(scores, cfg.top_k)
     shares = reward_shares(contributor_weights(decisions, weights))
 
-    adapter, momentum, new_loss = current_adapter, momentum_state, current_loss
+    adapter, config, momentum = current_adapter, dict(adapter_config), momentum_state
+    new_loss = current_loss
     improved, note = False, "no improvement: no candidate lowered the held-out loss"
     chosen = [i for i, w in enumerate(weights) if w > 0]
     if chosen:
-        merged, merged_momentum = outer_step(
-            current_adapter,
-            [decisions[i].adapter for i in chosen],
-            [weights[i] for i in chosen],
-            cfg.outer_lr,
-            momentum_state,
-            cfg.nesterov_momentum,
-        )
-        merged_loss = evaluator.loss(merged, adapter_config)
+        chosen_adapters = [decisions[i].adapter for i in chosen]
+        chosen_weights = [weights[i] for i in chosen]
+        if cfg.space == "delta":
+            merged, merged_config = delta_outer_step(
+                current_adapter,
+                adapter_config,
+                chosen_adapters,
+                adapter_config,
+                chosen_weights,
+                cfg.outer_lr,
+            )
+            merged_momentum = None
+        else:
+            merged, merged_momentum = outer_step(
+                current_adapter,
+                chosen_adapters,
+                chosen_weights,
+                cfg.outer_lr,
+                momentum_state,
+                cfg.nesterov_momentum,
+            )
+            merged_config = dict(adapter_config)
+        merged_loss = evaluator.loss(merged, merged_config)
         if merged_loss.mean < current_loss.mean:
-            adapter, momentum, new_loss = merged, merged_momentum, merged_loss
+            adapter, config, momentum = merged, merged_config, merged_momentum
+            new_loss = merged_loss
             improved, note = True, f"merged {len(chosen)} candidate(s)"
         else:
             note = f"no improvement: merged loss {merged_loss.mean:.6f} >= current"
@@ -142,6 +176,7 @@ def merge_cycle(
         weights=weights,
         shares=shares,
         adapter=adapter,
+        adapter_config=config,
         adapter_sha256=digest,
         new_loss=new_loss,
         improved=improved,
@@ -160,6 +195,7 @@ def to_json(outcome: CycleOutcome) -> dict[str, Any]:
         "improved": outcome.improved,
         "note": outcome.note,
         "adapter_sha256": outcome.adapter_sha256,
+        "adapter_rank": outcome.adapter_config.get("r"),
         "batch_indices": outcome.batch_indices,
         "current_loss": outcome.current_loss.to_json(),
         "new_loss": outcome.new_loss.to_json(),

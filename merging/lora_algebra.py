@@ -8,6 +8,8 @@ adapter_config for the new rank.
 
 - :func:`stack_adapters` represents ``c0 * delta_W0 + c1 * delta_W1`` EXACTLY as one adapter of
   rank ``r0 + r1``: ``B = [c0 (s0/s) B0 | c1 (s1/s) B1]``, ``A = [A0 ; A1]``.
+- :func:`stack_terms` does the same for N terms: ``sum_k c_k delta_W_k`` as one adapter of rank
+  ``sum_k r_k`` with ``B = [c_1 (s_1/s) B_1 | ... | c_N (s_N/s) B_N]``, ``A = [A_1 ; ... ; A_N]``.
 - :func:`recompress` truncates each module's ``delta_W`` to rank r by SVD and reports the relative
   Frobenius error ``||delta_W - delta_W_r||_F / ||delta_W||_F`` per module and overall
   (``sqrt(sum of dropped squared singular values / sum of all squared singular values)`` over all
@@ -140,6 +142,42 @@ def stack_adapters(
         block1 = (c_second * s1 / s) * second[b].double()
         out[b] = torch.cat([block0, block1], dim=1).to(dtype)
         out[a] = torch.cat([first[a0].to(dtype), second[a]], dim=0)
+    return out, config
+
+
+def stack_terms(
+    terms: list[tuple[Adapter, dict[str, Any], float]], reference_config: dict[str, Any]
+) -> tuple[Adapter, dict]:
+    """``sum_k c_k * delta(adapter_k)`` over ``terms = [(adapter_k, config_k, c_k), ...]``, exactly.
+
+    One adapter of rank ``sum_k r_k`` (the ranks may differ). Its config is ``reference_config``
+    at the stacked rank with ``lora_alpha`` KEPT (so s = lora_alpha / rank), which makes a later
+    :func:`recompress` back to the reference rank return the reference config itself. The B
+    blocks are scaled in float64 and cast back to the first term's dtype; keys follow the first
+    term. A single term with c 1 at the reference scaling comes back bit for bit.
+    """
+    if not terms:
+        raise ValueError("stack_terms: terms must hold at least one (adapter, config, c) term")
+    pairs = [module_pairs(adapter) for adapter, _, _ in terms]
+    for other in pairs[1:]:
+        if set(other) != set(pairs[0]):
+            raise ValueError("stack_terms: the adapters cover different modules")
+    ranks = [adapter_rank(adapter) for adapter, _, _ in terms]
+    scalings = [lora_scaling(config, r) for (_, config, _), r in zip(terms, ranks, strict=True)]
+    rank = sum(ranks)
+    config = config_for_rank(reference_config, rank)
+    s = lora_scaling(config, rank)
+    first = terms[0][0]
+    out: Adapter = {}
+    for prefix, (a_key, b_key) in pairs[0].items():
+        dtype = first[b_key].dtype
+        a_blocks, b_blocks = [], []
+        for (adapter, _, c), module, s_k in zip(terms, pairs, scalings, strict=True):
+            a_k, b_k = module[prefix]
+            a_blocks.append(adapter[a_k].to(dtype))
+            b_blocks.append(((c * s_k / s) * adapter[b_k].double()).to(dtype))
+        out[a_key] = torch.cat(a_blocks, dim=0).contiguous()
+        out[b_key] = torch.cat(b_blocks, dim=1).contiguous()
     return out, config
 
 

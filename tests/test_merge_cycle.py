@@ -11,6 +11,7 @@ import json
 import os
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,12 +25,13 @@ from factory.hashing import tensors_sha256
 from factory.ledger import Ledger
 from factory.signing import generate_key, public_key_b64
 from merging.cycle_merge import MergeConfig, merge_cycle, to_json
-from merging.lora_algebra import lora_shapes
+from merging.lora_algebra import adapter_rank, lora_shapes
 from merging.wise_ft import interpolate
 from tasks.scoring import alpha_search_task, merge_cycle_task
 from tests.test_proof_of_loss import SEQ_LEN, domain_text, save_blocks
 
 CONFIG = lora_config_dict(4, 8.0)
+GOLDEN = json.loads((Path(__file__).parent / "assets" / "scoring_golden.json").read_text())
 DEADLINE = datetime(2030, 1, 1, tzinfo=UTC)
 PEOPLE = ("alice", "bob", "carol", "dave", "erin")
 
@@ -131,7 +133,8 @@ def _evaluator(c):
     return PolEvaluator(c["tiny_base"].path, c["heldout"], 4, 4, seed=0, adapter_config=CONFIG)
 
 
-CFG = MergeConfig(outer_lr=1.0, top_k=None, power=1.0, nesterov_momentum=0.0)
+CFG = MergeConfig(space="delta", outer_lr=1.0, top_k=None, power=1.0, nesterov_momentum=0.0)
+FACTORS = CFG.model_copy(update={"space": "factors"})
 
 
 def test_cycle_rewards_honest_work_only(cycle):
@@ -163,6 +166,7 @@ def test_cycle_rewards_honest_work_only(cycle):
     assert shares["alice"] > 0 and shares["erin"] > 0
     assert float(shares["alice"]) == pytest.approx(outcome.weights[0], abs=1e-12)
     assert outcome.improved and outcome.new_loss.mean < base
+    assert outcome.adapter_config["r"] == 8  # delta space: honest + honest-2 stacked
     rows = {r.contributor_id: r for r in cycle["ledger"].shares_for("pumps")}
     assert {c: Decimal(r.share) for c, r in rows.items()} == shares
     assert rows["alice"].expert_version == outcome.adapter_sha256
@@ -183,6 +187,7 @@ def test_no_positive_candidate_keeps_the_current_version(cycle):
     outcome = merge_cycle(None, CONFIG, only_noise, cycle["ctx"], _evaluator(cycle), CFG)
     assert not outcome.improved and "no improvement" in outcome.note
     assert outcome.adapter is None and outcome.weights == [0.0]
+    assert outcome.adapter_config == CONFIG
     assert outcome.shares == {"bob": Decimal(0)}
     assert outcome.new_loss == outcome.current_loss
 
@@ -232,3 +237,29 @@ def test_scoring_task_runs_inside_a_prefect_flow(cycle):
     outcome = score_cycle()
     assert outcome.adapter_sha256 == tensors_sha256(cycle["honest"])
     assert [d.reason for d in outcome.decisions] == [None, None]
+
+
+def test_delta_space_merge_of_honest_candidates_beats_factor_space(cycle):
+    """Averaging A and B separately adds cross terms B_i A_j; merging the deltas does not."""
+    honest_pair = [cycle["candidates"][0], cycle["candidates"][4]]
+    evaluator = _evaluator(cycle)
+    delta = merge_cycle(None, CONFIG, honest_pair, cycle["ctx"], evaluator, CFG)
+    factors = merge_cycle(None, CONFIG, honest_pair, cycle["ctx"], evaluator, FACTORS)
+    g = GOLDEN["tiny_base_honest_merge"]
+    singles = [r.mean for r in delta.reports]
+    assert delta.improved and factors.improved
+    # delta space: one stacked adapter of rank 4 + 4 at the candidates' lora_alpha
+    assert delta.adapter_config == {**CONFIG, "r": 8}
+    assert factors.adapter_config == CONFIG and adapter_rank(factors.adapter) == 4
+    assert delta.weights == factors.weights and delta.scores == factors.scores
+    # about as good as the better candidate alone (measured: +0.0073), clearly better than
+    # averaging the factors (measured: 0.088 lower)
+    assert delta.new_loss.mean <= min(singles) + g["delta_over_best_single_max"]
+    assert delta.new_loss.mean < factors.new_loss.mean - 0.05
+    assert factors.new_loss.mean > max(singles)  # the cross terms hurt: worse than either
+    measured = [delta.current_loss.mean, *singles, delta.new_loss.mean, factors.new_loss.mean]
+    expected = [g["base"], g["honest"], g["honest_2"], g["delta_space"], g["factor_space"]]
+    assert measured == pytest.approx(expected, abs=g["tolerance"])
+    # the merged adapter is evaluated under its own config: the same loss from a fresh evaluator
+    again = _evaluator(cycle).loss(delta.adapter, delta.adapter_config)
+    assert again.per_batch == delta.new_loss.per_batch
