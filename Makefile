@@ -16,6 +16,7 @@ demo: setup
 	$(VENV)/bin/taas demo
 
 test: setup
+	@./scripts/ensure_chromium.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -190,3 +190,87 @@ def prepared_data(tiny_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("prepared") / "data"
     Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(folder / "train"))
     return folder
+
+
+TINY_COMMISSION = {
+    "version": 1,
+    "customer": "Acme Legal",
+    "domain": "legal-licences",
+    "description": "licence texts",
+    "data": [{"uri": "licences.jsonl", "text_field": "text"}],
+    "base_model": {"name": "taas-embedded-tiny", "preset": "tiny"},
+    "expert": {"rank": 4, "alpha": 8},
+    "budget": {
+        "cycles": 1,
+        "steps_per_cycle": 12,
+        "production_lines": 2,
+        "processes_per_line": 2,
+        "batch_size": 4,
+        "learning_rate": 0.01,
+        "seq_len": 64,
+        "zero_stage": 2,
+    },
+    "heldout": {"fraction": 0.15, "min_tokens": 512},
+    "router": {"steps": 10},
+    "licence": {"type": "usage", "price_per_1k_tokens": "0.01"},
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_commission(tmp_path_factory, tiny_base):
+    """A tiny commission run through the whole flow, with a crash in the middle.
+
+    The flow first runs in a child process that is SIGKILLed as soon as its cycle is committed
+    (training done, nothing composed or registered yet); the rerun here must resume from the
+    committed cycle. Yields a dict: spec_path, settings, summary, train_logs (path -> mtime at
+    the kill) and killed (whether the kill landed before the child finished).
+    """
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from factory.corpus import licence_paragraphs
+    from flows.commission import run_commission
+    from infra.settings import get_settings
+
+    root = tmp_path_factory.mktemp("commission")
+    rows = licence_paragraphs()[:400]
+    (root / "licences.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(TINY_COMMISSION))
+    home = root / "home"
+    child = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "commission_run.py"), str(spec_path), str(home),
+         str(root), str(tiny_base.path)],
+        stdout=open(root / "first_run.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 1200
+    killed = False
+    while time.time() < deadline and child.poll() is None:
+        if list(home.glob("commissions/*/cycles/cycle-1/COMMITTED.json")):
+            os.killpg(child.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.2)
+    else:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            raise RuntimeError(f"first run neither committed a cycle nor ended; see {root}")
+    child.wait()
+    logs = sorted(home.glob("commissions/*/cycles/*.lines/*/checkpoints/train.log"))
+    stamps = {p: p.stat().st_mtime_ns for p in logs}
+    settings = get_settings(home=home, data_roots=[root], base_model_dir=tiny_base.path)
+    summary = run_commission(spec_path, settings)
+    return {
+        "spec_path": spec_path,
+        "settings": settings,
+        "summary": summary,
+        "train_logs": stamps,
+        "killed": killed,
+    }

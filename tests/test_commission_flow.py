@@ -1,8 +1,8 @@
 """The whole commission flow on a tiny configuration: real DeepSpeed lines (2 processes each,
 gloo), real Proof-of-Loss, WiSE-FT, router annealing, lm-eval and MLflow registration.
 
-A second run of the same spec (a crash-and-rerun stand-in) trains nothing again and registers
-nothing twice.
+The run behind the ``tiny_commission`` fixture is SIGKILLed right after its cycle commits and
+then rerun: the rerun must not train again, and a further run must not register twice.
 """
 
 from __future__ import annotations
@@ -11,54 +11,14 @@ import json
 import math
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def commission(tmp_path_factory, tiny_base):
-    from factory.corpus import licence_paragraphs
-    from flows.commission import run_commission
-    from infra.settings import get_settings
-
-    root = tmp_path_factory.mktemp("commission")
-    rows = licence_paragraphs()[:400]
-    (root / "licences.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-    spec = {
-        "version": 1,
-        "customer": "Acme Legal",
-        "domain": "legal-licences",
-        "description": "licence texts",
-        "data": [{"uri": "licences.jsonl", "text_field": "text"}],
-        "base_model": {"name": "taas-embedded-tiny", "preset": "tiny"},
-        "expert": {"rank": 4, "alpha": 8},
-        "budget": {
-            "cycles": 1,
-            "steps_per_cycle": 12,
-            "production_lines": 2,
-            "processes_per_line": 2,
-            "batch_size": 4,
-            "learning_rate": 0.01,
-            "seq_len": 64,
-            "zero_stage": 2,
-        },
-        "heldout": {"fraction": 0.15, "min_tokens": 512},
-        "router": {"steps": 10},
-        "licence": {"type": "usage", "price_per_1k_tokens": "0.01"},
-        "seed": 3,
-    }
-    spec_path = root / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    settings = get_settings(home=root / "home", data_roots=[root], base_model_dir=tiny_base.path)
-    summary = run_commission(spec_path, settings)
-    return spec_path, settings, summary
-
-
-def test_commission_registers_an_expert_with_provenance(commission, tiny_base):
+def test_commission_registers_an_expert_with_provenance(tiny_commission, tiny_base):
     from factory.library import ExpertLibrary
 
-    _, settings, summary = commission
+    settings, summary = tiny_commission["settings"], tiny_commission["summary"]
     registered = summary["registered"]
     assert registered is not None
     version = ExpertLibrary(settings).show(registered["name"], registered["version"])
@@ -75,33 +35,34 @@ def test_commission_registers_an_expert_with_provenance(commission, tiny_base):
     alpha = float(tags["wise_ft_alpha"])
     assert 0 < alpha <= 1
     contributors = json.loads(tags["contributors"])
-    assert set(contributors) <= {"line-0", "line-1"} and contributors
+    assert contributors and set(contributors) <= {"line-0", "line-1"}
     assert sum(float(v) for v in contributors.values()) == pytest.approx(1.0, abs=1e-12)
-    assert "challenger" in version.aliases or "champion" in version.aliases
+    assert "champion" in version.aliases  # the first version passes the gate against the base
 
 
-def test_expert_beats_the_base_on_heldout(commission):
-    _, _, summary = commission
+def test_expert_beats_the_base_on_heldout(tiny_commission):
+    summary = tiny_commission["summary"]
     assert summary["heldout_loss_expert"] < summary["heldout_loss_base"]
     table = summary["benchmark"]
     assert set(table) >= {"base", "expert", "mixture"}
     heldout_task = next(t for t in table["expert"] if t.startswith("heldout_"))
-    assert (
-        table["expert"][heldout_task]["word_perplexity"]
-        < table["base"][heldout_task]["word_perplexity"]
-    )
+    expert, base = table["expert"][heldout_task], table["base"][heldout_task]
+    assert expert["word_perplexity"] < base["word_perplexity"]
 
 
-def test_rerun_trains_nothing_and_registers_once(commission):
+def test_crash_after_training_resumes_without_training_again(tiny_commission):
+    assert tiny_commission["killed"], "the first run ended before the kill; nothing was tested"
+    logs = tiny_commission["train_logs"]
+    assert len(logs) == 2  # both production lines had trained before the kill
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def test_rerun_registers_nothing_twice(tiny_commission):
     from factory.library import ExpertLibrary
     from flows.commission import run_commission
 
-    spec_path, settings, first = commission
-    home = settings.home / "commissions" / first["commission_id"]
-    logs = sorted(home.glob("cycles/*.lines/*/checkpoints/train.log"))
-    stamps = {p: p.stat().st_mtime_ns for p in logs}
-    second = run_commission(spec_path, settings)
-    assert second["registered"]["version"] == first["registered"]["version"]
-    assert {p: p.stat().st_mtime_ns for p in logs} == stamps
-    versions = ExpertLibrary(settings).lineage(first["registered"]["name"])
+    first = tiny_commission["summary"]
+    again = run_commission(tiny_commission["spec_path"], tiny_commission["settings"])
+    assert again["registered"] == first["registered"]
+    versions = ExpertLibrary(tiny_commission["settings"]).lineage(first["registered"]["name"])
     assert len(versions) == 1
