@@ -291,7 +291,7 @@ def commit_cycle(inputs: CycleInputs, plan, trained, outcome, search, evaluator)
 
     from factory.expert import write_adapter_files
     from merging.cycle_merge import to_json
-    from merging.lora_algebra import recompress
+    from merging.lora_algebra import recompress, rescale_to_config
     from merging.wise_ft import alpha_curve_plot
 
     spec = inputs.spec
@@ -303,8 +303,10 @@ def commit_cycle(inputs: CycleInputs, plan, trained, outcome, search, evaluator)
     if search is not None and search.adapter is not None:
         alpha = search.chosen
         packed = recompress(search.adapter, search.adapter_config, spec.expert.rank)
-        adapter, recompress_error = packed.adapter, packed.overall_error
-        config = packed.adapter_config
+        # Saved under the commission's own config, so the next cycle's lines, the gate and
+        # Proof-of-Loss all read the parent with the scaling it was trained under.
+        adapter = rescale_to_config(packed.adapter, packed.adapter_config, config)
+        recompress_error = packed.overall_error
     elif search is not None:
         alpha = search.chosen  # alpha 0 from the base: the version does not move
     parent = read_adapter(inputs.parent_dir / ADAPTER_FILE) if inputs.parent_dir else None

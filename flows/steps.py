@@ -148,10 +148,10 @@ def open_job(
 
 def _stage_warm_start(root: Path, spec: CommissionSpec, settings: Settings, name: str) -> Path:
     """Downloads a library expert and re-compresses it to the spec's rank when it differs."""
-    from factory.expert import write_adapter_files
+    from factory.expert import lora_config_dict, write_adapter_files
     from factory.library import ExpertLibrary
     from infra.atomic import committed_dir
-    from merging.lora_algebra import recompress
+    from merging.lora_algebra import recompress, rescale_to_config
 
     folder = root / "warm_start"
     if verify_committed(folder):
@@ -164,8 +164,9 @@ def _stage_warm_start(root: Path, spec: CommissionSpec, settings: Settings, name
     if int(config["r"]) != spec.expert.rank:
         packed = recompress(adapter, config, spec.expert.rank)
         adapter, config = packed.adapter, packed.adapter_config
+    target = lora_config_dict(spec.expert.rank, spec.expert.alpha, tuple(config["target_modules"]))
     with committed_dir(folder, overwrite=True) as tmp:
-        write_adapter_files(tmp, adapter, config)
+        write_adapter_files(tmp, rescale_to_config(adapter, config, target), target)
     return folder
 
 
@@ -283,6 +284,9 @@ def compose(job: Job, spec: CommissionSpec, adapter_dir: Path, settings: Setting
         schedule=spec.router.schedule,
         load_balance=spec.router.load_balance,
         top_k=spec.router.top_k,
+        # Library experts keep the rows they were registered with, so a mixture loaded from
+        # the library reproduces the one accepted here.
+        train_existing_rows=False,
     )
     result = anneal_router(before, expert, _blocks(job.data_dir / "train", 256), replay, cfg)
     with result.mixture.forced_route(job.expert_id):

@@ -51,6 +51,18 @@ def config_for_rank(config: dict[str, Any], rank: int, scaling: float | None = N
     return out
 
 
+def rescale_to_config(adapter: Adapter, config: dict[str, Any], target: dict[str, Any]) -> Adapter:
+    """The same effective delta under ``target``'s scaling (same rank): each B is multiplied by
+    s(config) / s(target), so s_target * B' @ A == s_config * B @ A."""
+    if int(config["r"]) != int(target["r"]):
+        raise ValueError(f"rescale_to_config: ranks differ ({config['r']} vs {target['r']})")
+    factor = lora_scaling(config) / lora_scaling(target)
+    return {
+        key: tensor * factor if ".lora_B." in key else tensor.clone()
+        for key, tensor in adapter.items()
+    }
+
+
 def module_pairs(adapter: Adapter) -> dict[str, tuple[str, str]]:
     """Maps each LoRA module prefix to its (lora_A key, lora_B key); ValueError if unpaired."""
     pairs: dict[str, dict[str, str]] = {}
