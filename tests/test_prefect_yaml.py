@@ -91,6 +91,7 @@ def test_retrain_runs_daily_at_three_utc():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the shared fixture's commission plus a one-cycle retrain, on 2 cores
 def test_retrain_deployment_runs_once(tiny_commission, tmp_path):
     from factory.library import ExpertLibrary
     from infra.settings import get_settings
