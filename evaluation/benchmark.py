@@ -132,6 +132,20 @@ def prepare_tasks(cache_dir: Path) -> Path:
     return out
 
 
+def benchmark_texts() -> list[str]:
+    """The texts of the shipped general benchmarks' items (each cloze item with its gold
+    completion, each general perplexity row): training rows overlapping them are removed at
+    intake (see :mod:`factory.data.contamination`)."""
+    from factory.corpus import general_heldout_text
+
+    texts = []
+    for line in (SHIPPED_TASKS_DIR / "general_cloze.jsonl").read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            texts.append(f"{item['context']} {item['choices'][item['label']]}")
+    return texts + general_heldout_text()[:GENERAL_PERPLEXITY_ROWS]
+
+
 def make_perplexity_task(
     heldout_jsonl: Path, name: str, out_dir: Path, text_field: str = "text"
 ) -> Path:

@@ -13,8 +13,10 @@ Every rank writes into the same temporary folder (the checkpoint dir must theref
 shared file system for multi-node lines); rank 0 writes the marker listing every file's sha256
 and renames the folder into place, so a crash mid-save leaves no folder a reader would take.
 :func:`latest_valid` returns the newest folder whose marker matches, skipping torn ones (marker
-missing, a file truncated, a byte flipped). DeepSpeed reads its own files with pickle, which is
-acceptable only because they were written by the factory and their sha256 was verified first.
+missing, a file truncated, a byte flipped). DeepSpeed's files are read back through
+:class:`WeightsOnlyCheckpointEngine`: ``torch.load(weights_only=True)`` with an allow-list of the
+three plain DeepSpeed records its optimizer states contain, never an arbitrary unpickler, and only
+after the folder's sha256 marker was verified.
 """
 
 from __future__ import annotations
@@ -166,9 +168,31 @@ def _write_all(tmp: Path, engine, adapter, state: dict, rank: int) -> None:
         (tmp / STATE_FILE).write_text(json.dumps(state, sort_keys=True))
 
 
+def _safe_deepspeed_globals() -> list:
+    """The DeepSpeed classes a ZeRO checkpoint pickles: plain records, no code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_engine(config_params=None):
+    """A DeepSpeed checkpoint engine whose ``load`` is ``torch.load(weights_only=True)``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_safe_deepspeed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(config_params)
+
+
 def load(folder: Path, engine, rank: int) -> dict:
     """Restores engine (weights, optimizer, scheduler) and this rank's RNG; returns state.json."""
     folder = Path(folder)
+    engine.checkpoint_engine = weights_only_engine(engine._config)
     engine.load_checkpoint(
         str(folder / ENGINE_DIR),
         tag=ENGINE_TAG,

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 
+from evaluation.benchmark import benchmark_texts
 from factory.commission import CommissionSpec, load_spec
 from factory.commission_store import CommissionStore
 from flows.cycle import CycleInputs, cycle_flow
@@ -35,6 +36,10 @@ SUMMARY_FILE = "summary.json"
 EARLY_STOP_GAIN = 0.002
 
 
+class CommissionCancelled(RuntimeError):
+    """``taas commission cancel`` marked the commission; the flow stops at the next step."""
+
+
 @flow(name="commission", log_prints=True)
 def commission_flow(
     spec_path: str, settings: Settings | None = None, warm_start: str | None = None
@@ -46,7 +51,7 @@ def commission_flow(
     """
     settings = settings or get_settings()
     spec = load_spec(Path(spec_path))
-    intake = intake_task(Path(spec_path), settings)
+    intake = intake_task(Path(spec_path), settings, benchmark_items=benchmark_texts())
     done = settings.home / "commissions" / intake["commission_id"] / SUMMARY_FILE
     # The store, not the (possibly cached) intake result, knows the commission's state now.
     state = CommissionStore(settings.db_url).get(intake["commission_id"]).state
@@ -75,7 +80,10 @@ def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[dict[
     results: list[dict[str, Any]] = []
     parent = job.parent_dir
     stalled = 0
+    store = CommissionStore(settings.db_url)
     for number in range(1, spec.budget.cycles + 1):
+        if store.get(job.commission_id).state == "cancelled":
+            raise CommissionCancelled(f"commission {job.commission_id} was cancelled")
         print(f"[commission {job.commission_id}] cycle {number}/{spec.budget.cycles}")
         inputs = CycleInputs(
             commission_id=job.commission_id,

@@ -75,7 +75,8 @@ class Job:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:500]
         state = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:
-            store.set_state(self.commission_id, state, detail)
+            if store.get(self.commission_id).state != "cancelled":
+                store.set_state(self.commission_id, state, detail)
         finally:
             tracking.end_run(tracking.configure(settings), self.run_id, "FAILED")
 
