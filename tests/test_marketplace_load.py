@@ -24,20 +24,30 @@ CLIENTS = 20
 
 @pytest.fixture
 def served(tiny_base, tmp_path):
+    """The app under uvicorn in a forked child process: the clients below reach it over HTTP
+    only, and the ledger (SQLite) is read back here, so the server shares nothing with the test
+    process but the database file."""
+    import multiprocessing
+
     market = build_market(tiny_base, tmp_path, max_new_tokens=8)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(market), host="127.0.0.1", port=port, log_level="warning")
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield market, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    child = multiprocessing.get_context("fork").Process(target=server.run, daemon=True)
+    child.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            httpx.get(url + "/readiness", timeout=2)
+            break
+        except httpx.HTTPError:
+            assert time.time() < deadline and child.is_alive(), "uvicorn did not start"
+            time.sleep(0.2)
+    yield market, url
+    child.terminate()
+    child.join(timeout=30)
 
 
 @pytest.mark.slow  # 30 s of sustained load by default, plus server start-up
