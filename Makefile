@@ -13,7 +13,7 @@ setup:
 	@./scripts/bootstrap.sh
 
 demo: setup
-	$(VENV)/bin/taas demo
+	PREFECT_HOME=$(CURDIR)/.taas/prefect $(VENV)/bin/taas demo
 
 test: setup
 	@./scripts/ensure_chromium.sh
