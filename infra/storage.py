@@ -256,30 +256,23 @@ class S3Store:
             raise
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        sha = hashlib.sha256(data).hexdigest()
+        return self._put(key, data, hashlib.sha256(data).hexdigest())
+
+    def put_file(self, key: str, path: Path) -> ObjectInfo:
+        with open(path, "rb") as fh:
+            return self._put(key, fh, sha256_file(Path(path)))
+
+    def _put(self, key: str, body, sha: str) -> ObjectInfo:
+        """Uploads ``body`` with its sha256 in the object metadata (checked on every download)."""
         self._call(
             "put",
             key,
             self.client.put_object,
             Bucket=self.bucket,
             Key=self._key(key),
-            Body=data,
+            Body=body,
             Metadata={"sha256": sha},
         )
-        return self._info(key)
-
-    def put_file(self, key: str, path: Path) -> ObjectInfo:
-        sha = sha256_file(Path(path))
-        with open(path, "rb") as fh:
-            self._call(
-                "put",
-                key,
-                self.client.put_object,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=fh,
-                Metadata={"sha256": sha},
-            )
         return self._info(key)
 
     def get_file(self, key: str, dest: Path) -> Path:

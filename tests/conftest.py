@@ -64,17 +64,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's standalone S3 server as a subprocess on a loopback port; yields its URL.
+def start_moto_server(env: dict[str, str] | None = None):
+    """Starts moto's standalone S3 server as a subprocess on a free loopback port.
 
-    AWS test credentials are set in the environment; clients reach it over HTTP with boto3.
+    Returns (process, url) once it answers; ``env`` is added to the server's environment.
     """
     import subprocess
     import time
     import urllib.request
 
     port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            return server, url
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server as a subprocess on a loopback port; yields its URL.
+
+    AWS test credentials are set in the environment; clients reach it over HTTP with boto3.
+    """
     os.environ.update(
         {
             "AWS_ACCESS_KEY_ID": "testing",
@@ -82,22 +106,7 @@ def s3_endpoint():
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     )
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
+    server, url = start_moto_server()
     yield url
     server.terminate()
     server.wait(timeout=10)

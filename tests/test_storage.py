@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import boto3
 import pytest
-from conftest import free_port
+from conftest import free_port, start_moto_server
 
 from infra.storage import (
     BucketNotFound,
@@ -128,25 +124,7 @@ def test_s3_unreachable_endpoint(tmp_path):
 @pytest.fixture(scope="module")
 def auth_s3_endpoint():
     """A second moto server that enforces credentials (only IAM-created keys are accepted)."""
-    port = free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("moto_server with auth did not start")
-            time.sleep(0.1)
+    server, url = start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     yield url
     server.terminate()
     server.wait(timeout=10)
