@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,12 +190,21 @@ def ensure_base_model(home: Path, preset_name: str = "demo", log=print) -> BaseM
     return BaseModelRef(name=preset.name, path=folder, sha256=base_model_sha256(folder))
 
 
+# transformers' from_pretrained swaps PreTrainedModel.tie_weights, init_weights and the
+# torch.nn.init functions for the duration of a load and puts back what it saw on entry. Two
+# threads loading at once (the marketplace's first concurrent requests, concurrent Prefect tasks)
+# can each put back the other's no-op, after which every load in the process has an untied,
+# uninitialised lm_head. Loads are therefore serialised process-wide.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_base(path: Path, dtype: torch.dtype = torch.float32):
-    """Loads a base model folder (safetensors only) and its tokenizer."""
+    """Loads a base model folder (safetensors only) and its tokenizer; safe to call from threads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
 

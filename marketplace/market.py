@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -62,15 +63,18 @@ class Market:
     ):
         self.config, self.catalog, self.licensing = config, catalog, licensing
         self._generator = generator
+        self._generator_lock = threading.Lock()
 
     @property
     def generator(self) -> RoutedGenerator:
-        if self._generator is None:
-            limit = max(self.config.max_new_tokens, self.config.demo_max_new_tokens)
-            self._generator = RoutedGenerator(
-                self.config.base_model_path, self.config.max_prompt_tokens, limit
-            )
-        return self._generator
+        """Built on first use, once: concurrent first requests wait for the same model."""
+        with self._generator_lock:
+            if self._generator is None:
+                limit = max(self.config.max_new_tokens, self.config.demo_max_new_tokens)
+                self._generator = RoutedGenerator(
+                    self.config.base_model_path, self.config.max_prompt_tokens, limit
+                )
+            return self._generator
 
     @property
     def secret(self) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 import time
 from decimal import Decimal
 
@@ -238,3 +239,21 @@ def test_account_pages_sign_up_license_and_statement(client, market):
     page = client.get(statement)
     assert page.status_code == 200 and "medicine-expert" in page.text
     assert client.get("/statements/line-0").status_code == 403
+
+
+def test_concurrent_first_requests_build_one_generator(tiny_base, tmp_path):
+    """Twenty requests arriving at once on a fresh server share one model, loaded once."""
+    fresh = build_market(tiny_base, tmp_path)
+    barrier = threading.Barrier(20)
+    seen: list[int] = []
+
+    def first_request() -> None:
+        barrier.wait()
+        seen.append(id(fresh.generator))
+
+    threads = [threading.Thread(target=first_request) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 20 and len(set(seen)) == 1

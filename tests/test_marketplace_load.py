@@ -24,9 +24,9 @@ CLIENTS = 20
 
 @pytest.fixture
 def served(tiny_base, tmp_path):
-    """The app under uvicorn in a forked child process: the clients below reach it over HTTP
-    only, and the ledger (SQLite) is read back here, so the server shares nothing with the test
-    process but the database file."""
+    """The app under uvicorn in its own (forked) process, as it runs in production: the
+    clients below reach it over HTTP only, and the ledger (SQLite) is read back here, so the
+    server shares nothing with the test process but the database file."""
     import multiprocessing
 
     market = build_market(tiny_base, tmp_path, max_new_tokens=8)
