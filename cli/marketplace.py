@@ -3,10 +3,14 @@
     taas marketplace serve [--host 127.0.0.1 --port 8000] [--sample N]
     taas marketplace statement CONTRIBUTOR [--period YYYY-MM] [--link-base http://host:port]
     taas marketplace readiness [--min-domains 20 --min-cycles 3]
+    taas marketplace price NAME [--per-1k-tokens 0.002] [--weight-fee 900] [--maintenance-fee 150]
+                                [--exclusive-premium 12000]
 
 ``serve`` reads the expert library (MLflow registry under the settings); ``--sample N`` serves N
 sample experts on the embedded base model instead. The HMAC secret for sessions and download
 links comes from ``TAAS_MARKETPLACE_SECRET`` or is created once under ``<home>/marketplace``.
+``price`` sets or changes a registered expert's prices without retraining (registered-model tags
+that override the prices its commission recorded); it prints the expert's price overrides.
 """
 
 from __future__ import annotations
@@ -45,6 +49,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ready.add_argument("--min-domains", type=int, default=20)
     ready.add_argument("--min-cycles", type=int, default=3)
     ready.set_defaults(handler=_readiness)
+    _register_price(sub)
+
+
+# flag -> price tag written by ExpertLibrary.set_price
+PRICE_FLAGS = {
+    "--per-1k-tokens": "price_per_1k_tokens",
+    "--weight-fee": "weight_fee",
+    "--maintenance-fee": "maintenance_fee",
+    "--exclusive-premium": "exclusive_premium",
+}
+
+
+def _register_price(sub: argparse._SubParsersAction) -> None:
+    price = sub.add_parser("price", help="set the prices of a registered expert")
+    price.add_argument("name", help="the expert's registered name")
+    for flag, tag in PRICE_FLAGS.items():
+        price.add_argument(flag, dest=tag, default=None, metavar="AMOUNT")
+    price.set_defaults(handler=_price)
+
+
+def _price(args: argparse.Namespace) -> int:
+    from factory.library import ExpertLibrary, price_amount
+    from infra.settings import get_settings
+
+    # Checked before the library opens, so a bad amount changes nothing and names its flag.
+    amounts = {
+        tag: price_amount(flag, getattr(args, tag))
+        for flag, tag in PRICE_FLAGS.items()
+        if getattr(args, tag) is not None
+    }
+    if not amounts:
+        raise ValueError(f"price: give at least one of {', '.join(PRICE_FLAGS)}")
+    prices = ExpertLibrary(get_settings()).set_price(args.name, **amounts)
+    print(json.dumps({"name": args.name, "prices": prices}, indent=2))
+    return 0
 
 
 def _secret(home: Path) -> str:

@@ -7,6 +7,13 @@ lives in version tags (see :data:`PROVENANCE_TAGS`). A new version gets alias ``
 :func:`promotion_gate` makes one ``champion``, and the champion it replaces is pushed onto the
 model's ``champion_history`` tag so :meth:`ExpertLibrary.rollback` can restore it.
 
+Dates are ISO-8601 UTC to the second: ``trained_at`` (version tag, written at registration, the
+end of the result's training), ``promoted_at`` (version tag, written each time the version becomes
+champion, by promotion or rollback); :attr:`LibraryVersion.created_at` is MLflow's own creation
+time of the version. Prices (decimal strings: ``price_per_1k_tokens``, ``weight_fee``,
+``maintenance_fee``, ``exclusive_premium``) come from the commission as version tags; the operator
+may override them later as registered-model tags with :meth:`ExpertLibrary.set_price`.
+
 Exactly once: the idempotency key is sha256(commission id + adapter sha256), kept as a version
 tag. Concurrent registrations of one result race for a unique claim row in the factory database
 (``settings.db_url``, SQLAlchemy): the primary key makes exactly one winner whether the MLflow
@@ -28,10 +35,12 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import String, create_engine, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -54,8 +63,9 @@ GATE_REASONS = (
 PROVENANCE_TAGS = (
     "commission_id domain expert_id base_model base_model_sha256 dataset_sha256 adapter_sha256 "
     "config_hash code_version pol_scores wise_ft_alpha cycles contributors licence visibility "
-    "parent_adapter_sha256 benchmark_summary idempotency_key"
+    "parent_adapter_sha256 benchmark_summary idempotency_key trained_at"
 ).split()
+PRICE_TAGS = ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -165,6 +175,16 @@ class RegistrationProvenance(BaseModel):
     visibility: Literal["private", "public"] = "private"
     parent_adapter_sha256: str = ""
     code_version: str | None = None
+    # Prices from the commission's licence section (exact decimal strings); None: not priced.
+    price_per_1k_tokens: str | None = None
+    weight_fee: str | None = None
+    maintenance_fee: str | None = None
+    exclusive_premium: str | None = None
+
+    @field_validator(*PRICE_TAGS)
+    @classmethod
+    def _price(cls, value: str | None, info) -> str | None:
+        return None if value is None else price_amount(info.field_name, value)
 
 
 @dataclass
@@ -175,6 +195,7 @@ class LibraryVersion:
     source: str
     aliases: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""  # MLflow's creation time of the version, ISO-8601 UTC
 
     @property
     def domain(self) -> str:
@@ -224,6 +245,30 @@ def _expert_scores(result: BenchmarkResult) -> tuple[dict, dict | None]:
     return (result.table.get(chosen, {}) if chosen else {}), result.table.get("base")
 
 
+def utc_now_iso() -> str:
+    """Now, ISO-8601 UTC to the second (e.g. ``2026-03-01T09:30:00+00:00``)."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _iso_from_millis(millis: int | None) -> str:
+    if not millis:
+        return ""
+    return datetime.fromtimestamp(millis / 1000, UTC).replace(microsecond=0).isoformat()
+
+
+def price_amount(field_name: str, value: Any) -> str:
+    """``value`` as a canonical decimal string >= 0; ValueError naming ``field_name``."""
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(
+            f"{field_name}: {value!r} is not a decimal amount; write it like '0.002'"
+        ) from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{field_name}: {value!r} must be a finite amount >= 0")
+    return format(amount, "f")  # plain digits: "1e3" is stored as "1000"
+
+
 def _summary(scores: dict[str, dict[str, float]]) -> str:
     parts = [f"{t}/{m}={v:.4g}" for t in sorted(scores) for m, v in sorted(scores[t].items())]
     return "; ".join(parts)[:500]
@@ -262,6 +307,7 @@ class ExpertLibrary:
             source=mv.source,
             aliases=sorted(mv.aliases or []),
             tags=dict(mv.tags),
+            created_at=_iso_from_millis(mv.creation_timestamp),
         )
 
     def _resolve(self, name: str, ref: str | None = None) -> LibraryVersion:
@@ -385,7 +431,9 @@ class ExpertLibrary:
             "benchmark_summary": _summary(scores),
             "benchmark_scores": json.dumps(scores, sort_keys=True)[: t.MAX_TAG_CHARS],
             "idempotency_key": key,
+            "trained_at": utc_now_iso(),
         }
+        tags.update({k: getattr(prov, k) for k in PRICE_TAGS if getattr(prov, k) is not None})
         t.ensure_registered_model(
             self.tracking, manifest.expert_id, tags={"domain": manifest.domain}
         )
@@ -444,6 +492,7 @@ class ExpertLibrary:
             history = self._history(name) + [previous]
             self._t.set_model_tag(self.tracking, name, "champion_history", json.dumps(history))
             self._t.set_version_tag(self.tracking, name, previous, "superseded_by", target.version)
+        self._t.set_version_tag(self.tracking, name, target.version, "promoted_at", utc_now_iso())
         self._t.set_alias(self.tracking, name, CHAMPION, target.version)
         if CHALLENGER in target.aliases:
             self._t.delete_alias(self.tracking, name, CHALLENGER)
@@ -456,11 +505,33 @@ class ExpertLibrary:
             raise ValueError(f"name: {name} has no previous champion to roll back to")
         previous = history.pop()
         current = self._t.get_version_by_alias(self.tracking, name, CHAMPION)
+        self._t.set_version_tag(self.tracking, name, previous, "promoted_at", utc_now_iso())
         self._t.set_alias(self.tracking, name, CHAMPION, previous)
         self._t.set_model_tag(self.tracking, name, "champion_history", json.dumps(history))
         if current is not None:
             self._t.set_version_tag(self.tracking, name, str(current.version), "rolled_back", "1")
         return self._version(name, previous)
+
+    # -- prices --
+
+    def set_price(self, name: str, **amounts: Any) -> dict[str, str]:
+        """Sets price overrides (keys from :data:`PRICE_TAGS`, decimal amounts) as tags of the
+        registered model, so they apply to every version without retraining; returns all of
+        the model's price overrides after the change."""
+        unknown = sorted(set(amounts) - set(PRICE_TAGS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a price; use one of {', '.join(PRICE_TAGS)}")
+        given = {k: price_amount(k, v) for k, v in amounts.items() if v is not None}
+        if not given:
+            raise ValueError(f"amounts: give at least one of {', '.join(PRICE_TAGS)}")
+        self._resolve(name)  # ValueError naming the expert when it is not in the library
+        for key, value in given.items():
+            self._t.set_model_tag(self.tracking, name, key, value)
+        return {k: v for k, v in self.model_tags(name).items() if k in PRICE_TAGS}
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's own tags (domain, champion_history, price overrides)."""
+        return self._t.registered_model_tags(self.tracking, name)
 
     # -- browsing --
 

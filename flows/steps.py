@@ -454,6 +454,12 @@ def gate_and_register(job, spec, cycles, composed, bench, plots, settings) -> di
         "licence": spec.licence.type if spec.licence else "usage",
         "visibility": "public" if spec.visibility == "public" else "private",
         "parent_adapter_sha256": cycles[0]["parent_adapter_sha256"] or "",
+        # The licence section's prices (decimal strings); unset ones are left to the catalog.
+        **{
+            key: getattr(spec.licence, key)
+            for key in ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
+            if spec.licence is not None and getattr(spec.licence, key) is not None
+        },
     }
     version = register_task(settings, expert_dir, provenance, bench, [Path(p) for p in plots],
                             job.run_id)  # fmt: skip

@@ -2,9 +2,14 @@
 
 Pages: ``/`` catalog with search and filters, ``/experts/{name}``, ``/compare``, ``/demo`` with a
 streamed generation (``/demo/stream``: one JSON line per token with its expert), ``/account``
-(buyer sign-up, licences, usage, invoices, download links), ``/download/...`` (signed, expiring,
-logged), ``/statements/{contributor}`` (signed link), ``/readiness``. Run with
-``taas marketplace serve``.
+(buyer sign-up, licences, usage, invoices, download links, API keys: issue and revoke),
+``/download/...`` (signed, expiring, logged), ``/statements/{contributor}`` (signed link),
+``/readiness``. Run with ``taas marketplace serve``.
+
+Buyers are known by an expiring signed session cookie (SameSite=Lax, HttpOnly). Every POST that
+acts for a session (license, issue key, revoke key) must carry the session's CSRF token in the
+form field ``csrf`` (see :mod:`marketplace.auth`), else it is answered 403: the cookie alone
+does not prove the buyer meant to send the request.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from fastapi.templating import Jinja2Templates
 
 from factory.licensing import period_of
 from marketplace.api import build_router
-from marketplace.auth import RateLimiter, check_link, session_buyer, session_cookie, sign_link
+from marketplace.auth import (
+    RateLimiter,
+    check_csrf,
+    check_link,
+    csrf_token,
+    session_buyer,
+    session_cookie,
+    sign_link,
+)
 from marketplace.charts import benchmark_svg
 from marketplace.market import Market
 
@@ -37,14 +50,32 @@ def create_app(market: Market) -> FastAPI:
     def buyer_of(request: Request) -> str | None:
         return session_buyer(market.secret, request.cookies.get(COOKIE))
 
-    def page(request: Request, name: str, as_buyer: str | None = None, **context) -> HTMLResponse:
+    def page(
+        request: Request,
+        name: str,
+        as_buyer: str | None = None,
+        cookie: str | None = None,
+        **context,
+    ) -> HTMLResponse:
         buyer_id = as_buyer or buyer_of(request)
+        cookie = cookie or request.cookies.get(COOKIE)
         context.update(
             buyer_id=buyer_id,
             buyer_name=market.licensing.buyer_name(buyer_id) if buyer_id else None,
             ready=market.readiness(),
+            csrf=csrf_token(market.secret, cookie) if buyer_id and cookie else "",
         )
         return TEMPLATES.TemplateResponse(request, name, context)
+
+    def acting_buyer(request: Request, csrf: str | None) -> str | None:
+        """The session's buyer for a state-changing POST (None without a session); 403 when
+        the form does not carry this session's CSRF token."""
+        buyer_id = buyer_of(request)
+        if buyer_id is not None and not check_csrf(
+            market.secret, request.cookies.get(COOKIE), csrf
+        ):
+            raise HTTPException(403, detail="csrf: reload the page and submit the form again")
+        return buyer_id
 
     def entry_or_404(name: str, request: Request):
         entry = market.visible(name, buyer_of(request))
@@ -135,7 +166,9 @@ def create_app(market: Market) -> FastAPI:
         ready = market.readiness()
         return {"open": ready.open, "ready_domains": ready.ready_domains, "short": ready.short}
 
-    def account_page(request: Request, buyer_id: str, new_key: str | None) -> HTMLResponse:
+    def account_page(
+        request: Request, buyer_id: str, new_key: str | None, cookie: str | None = None
+    ) -> HTMLResponse:
         licences = market.licensing.licences_of(buyer_id)
         expires = int(time.time()) + market.config.link_ttl_s
         links = {}
@@ -148,12 +181,13 @@ def create_app(market: Market) -> FastAPI:
             request,
             "account.html",
             as_buyer=buyer_id,
+            cookie=cookie,
             new_key=new_key,
             licences=licences,
             links=links,
             usage=sorted(market.licensing.usage(buyer_id).items()),
             invoice=market.licensing.invoice(buyer_id, period_of(datetime.now(UTC))),
-            keys=market.licensing.keys_of(buyer_id),
+            keys=market.api_keys(buyer_id),
             downloads=market.licensing.downloads_of(buyer_id),
         )
 
@@ -163,11 +197,11 @@ def create_app(market: Market) -> FastAPI:
             buyer_id = market.licensing.create_buyer(name)
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
+        ttl = market.config.session_ttl_s
+        cookie = session_cookie(market.secret, buyer_id, int(time.time()) + ttl)
         # The key is rendered once in this response and never stored in clear anywhere.
-        response = account_page(request, buyer_id, market.licensing.issue_key(buyer_id))
-        response.set_cookie(
-            COOKIE, session_cookie(market.secret, buyer_id), httponly=True, samesite="lax"
-        )
+        response = account_page(request, buyer_id, market.licensing.issue_key(buyer_id), cookie)
+        response.set_cookie(COOKIE, cookie, max_age=ttl, httponly=True, samesite="lax")
         return response
 
     @app.get("/account", response_class=HTMLResponse)
@@ -177,9 +211,28 @@ def create_app(market: Market) -> FastAPI:
             return page(request, "signup.html")
         return account_page(request, buyer_id, None)
 
+    @app.post("/account/keys")
+    def issue_key(request: Request, csrf: str | None = Form(None)) -> Response:
+        buyer_id = acting_buyer(request, csrf)
+        if buyer_id is None:
+            return RedirectResponse("/account", status_code=303)
+        return account_page(request, buyer_id, market.licensing.issue_key(buyer_id))
+
+    @app.post("/account/keys/{key_id}/revoke")
+    def revoke_key(key_id: str, request: Request, csrf: str | None = Form(None)) -> Response:
+        buyer_id = acting_buyer(request, csrf)
+        if buyer_id is None:
+            return RedirectResponse("/account", status_code=303)
+        # Another buyer's key is answered like a missing one: its existence is not revealed.
+        if not market.revoke_key(buyer_id, key_id):
+            raise HTTPException(404, detail="no such key")
+        return RedirectResponse("/account", status_code=303)
+
     @app.post("/experts/{name}/license")
-    def license_expert(name: str, request: Request, kind: str = Form(...)) -> Response:
-        buyer_id = buyer_of(request)
+    def license_expert(
+        name: str, request: Request, kind: str = Form(...), csrf: str | None = Form(None)
+    ) -> Response:
+        buyer_id = acting_buyer(request, csrf)
         if buyer_id is None:
             return RedirectResponse("/account", status_code=303)
         entry = entry_or_404(name, request)

@@ -2,8 +2,11 @@
 
 A signed link is ``<path>?expires=<unix seconds>&sig=<hex>`` where ``sig`` is
 HMAC-SHA256(secret, path + "\\n" + expires); it is refused once expired or when any byte of the
-path or expiry changes. A buyer session cookie is ``<buyer_id>.<HMAC(secret, "session:" +
-buyer_id)>``. Signatures are compared in constant time.
+path or expiry changes. A buyer session cookie is ``<buyer_id>.<expires>.<mac>`` where ``mac`` is
+HMAC-SHA256(secret, "session:" + buyer_id + "\n" + expires); it is refused once expired or when
+any byte of the buyer id or expiry changes. A form that changes state carries a CSRF token,
+HMAC-SHA256(secret, "csrf:" + session cookie): a page from another site cannot read it, and it
+dies with the session. Signatures are compared in constant time.
 """
 
 from __future__ import annotations
@@ -40,16 +43,40 @@ def check_link(
     return None
 
 
-def session_cookie(secret: bytes, buyer_id: str) -> str:
-    return f"{buyer_id}.{_mac(secret, 'session:' + buyer_id)}"
+def _session_mac(secret: bytes, buyer_id: str, expires: str) -> str:
+    return _mac(secret, "session:" + buyer_id + "\n" + expires)
 
 
-def session_buyer(secret: bytes, cookie: str | None) -> str | None:
-    """The buyer id a session cookie proves, or None."""
-    if not cookie or "." not in cookie:
+def session_cookie(secret: bytes, buyer_id: str, expires: int) -> str:
+    """The session cookie value for ``buyer_id``, valid until unix time ``expires``."""
+    if "." in buyer_id or "\n" in buyer_id:
+        raise ValueError(f"buyer_id: {buyer_id!r} must not contain '.' or a newline")
+    return f"{buyer_id}.{expires}.{_session_mac(secret, buyer_id, str(expires))}"
+
+
+def session_buyer(secret: bytes, cookie: str | None, now: float | None = None) -> str | None:
+    """The buyer id a session cookie proves, or None (absent, malformed, tampered, expired)."""
+    parts = cookie.split(".") if cookie else []
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
         return None
-    buyer_id, mac = cookie.rsplit(".", 1)
-    return buyer_id if hmac.compare_digest(_mac(secret, "session:" + buyer_id), mac) else None
+    buyer_id, expires, mac = parts
+    if not hmac.compare_digest(_session_mac(secret, buyer_id, expires), mac):
+        return None
+    if int(expires) < (time.time() if now is None else now):
+        return None
+    return buyer_id
+
+
+def csrf_token(secret: bytes, cookie: str) -> str:
+    """The token a state-changing form of this session must carry."""
+    return _mac(secret, "csrf:" + cookie)
+
+
+def check_csrf(secret: bytes, cookie: str | None, token: str | None) -> bool:
+    """True when ``token`` was issued for this session cookie."""
+    if not cookie or not token:
+        return False
+    return hmac.compare_digest(csrf_token(secret, cookie), token)
 
 
 def bearer_key(authorization: str | None) -> str | None:

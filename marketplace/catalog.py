@@ -4,17 +4,29 @@ A :class:`CatalogEntry` carries exactly what the pages, the API and the download
 requests are only ever looked up here (``get``); a folder path comes from the catalog's own
 ``expert_folder``, never from request text. :class:`StaticCatalog` holds entries given in code
 (tests, demos); :class:`LibraryCatalog` reads the MLflow-backed expert library
-(:mod:`factory.library`), mapping its registration tags to entries.
+(:mod:`factory.library`), mapping its registration tags to entries; the registered model's
+price tags (set by ``taas marketplace price``) override the version's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+PRICE_TAGS = ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
+# What an expert registered without a price costs.
+DEFAULT_PRICES = {
+    "price_per_1k_tokens": "0.1",
+    "weight_fee": "500.00",
+    "maintenance_fee": "100.00",
+    "exclusive_premium": "5000.00",
+}
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,13 @@ class CatalogEntry:
     pol_validated: bool  # the champion passed Proof-of-Loss validation
     pol_summary: str  # e.g. "mean score 0.041 over 3 cycles"
     cycles: int
-    last_trained: str  # ISO date
+    last_trained: str  # ISO-8601 (UTC) date or timestamp of the end of training; "" unknown
     dataset_sha256: str
     adapter_sha256: str
     contributors: dict[str, str]  # contributor -> share (exact decimal string)
     benchmarks: list[BenchmarkRow]
     model_card: str
-    champion_history: list[tuple[str, str]]  # (version, date promoted)
+    champion_history: list[tuple[str, str]]  # (version, ISO-8601 UTC time promoted), oldest first
     tags: dict[str, str] = field(default_factory=dict)
 
     def matches(self, query: str) -> bool:
@@ -98,6 +110,28 @@ def _json_tag(tags: dict[str, str], key: str, default: Any) -> Any:
         return default
 
 
+def _amount(tags: dict[str, str], key: str) -> Decimal:
+    value = tags.get(key) or DEFAULT_PRICES[key]
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{key}: tag {value!r} is not a decimal amount") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{key}: tag {value!r} must be a finite amount >= 0")
+    return amount
+
+
+def price_from_tags(tags: dict[str, str]) -> Price:
+    """Prices from tags: per_token = price_per_1k_tokens / 1000 (exact in Decimal); an absent
+    tag takes :data:`DEFAULT_PRICES`. ValueError names a tag that is not a finite decimal >= 0."""
+    return Price(
+        per_token=_amount(tags, "price_per_1k_tokens") / 1000,
+        weight_fee=_amount(tags, "weight_fee"),
+        maintenance_fee=_amount(tags, "maintenance_fee"),
+        exclusive_premium=_amount(tags, "exclusive_premium"),
+    )
+
+
 def entry_from_tags(
     name: str, versions: list[str], champion: str, tags: dict[str, str], model_card: str = ""
 ) -> CatalogEntry:
@@ -106,8 +140,8 @@ def entry_from_tags(
     Tags read (missing ones fall back to empty values): domain, base_model, base_model_sha256,
     dataset_sha256, adapter_sha256, pol_scores (JSON list or mapping), cycles, contributors
     (JSON mapping contributor -> share), licence, benchmark (JSON list of rows with task, metric,
-    expert, base), trained_at, champion_history (JSON list of [version, date]), price_per_token,
-    weight_fee, maintenance_fee, exclusive_premium.
+    expert, base), trained_at, champion_history (JSON list of [version, date]), and the prices
+    of :func:`price_from_tags`. ValueError when a price tag is not an amount.
     """
     scores = _json_tag(tags, "pol_scores", [])
     values = list(scores.values()) if isinstance(scores, dict) else list(scores)
@@ -143,17 +177,12 @@ def entry_from_tags(
         base_model_sha256=tags.get("base_model_sha256", ""),
         versions=versions,
         champion=champion,
-        price=Price(
-            per_token=Decimal(tags.get("price_per_token", "0.0001")),
-            weight_fee=Decimal(tags.get("weight_fee", "500.00")),
-            maintenance_fee=Decimal(tags.get("maintenance_fee", "100.00")),
-            exclusive_premium=Decimal(tags.get("exclusive_premium", "5000.00")),
-        ),
+        price=price_from_tags(tags),
         licence=tags.get("licence", "usage+weight+exclusive"),
         pol_validated=bool(numeric) and any(v > 0 for v in numeric),
         pol_summary=summary,
         cycles=cycles,
-        last_trained=tags.get("trained_at", "")[:10],
+        last_trained=tags.get("trained_at", ""),
         dataset_sha256=tags.get("dataset_sha256", ""),
         adapter_sha256=tags.get("adapter_sha256", ""),
         contributors={str(k): str(v) for k, v in _json_tag(tags, "contributors", {}).items()},
@@ -190,7 +219,12 @@ class LibraryCatalog:
         versions, champion, tags, card = self._describe(name)
         if tags.get("visibility", "public") != "public":
             return None
-        return entry_from_tags(name, versions, champion, tags, card)
+        try:
+            return entry_from_tags(name, versions, champion, tags, card)
+        except ValueError as exc:
+            # Never sell at a price nobody set: an unreadable price hides the expert until fixed.
+            log.warning("expert %s is not offered: %s", name, exc)
+            return None
 
     def expert_folder(self, name: str, version: str) -> Path:
         return self._folder(name, version)
@@ -198,7 +232,12 @@ class LibraryCatalog:
 
 def library_catalog(settings: Any) -> LibraryCatalog:
     """A catalog over ``factory.library.ExpertLibrary(settings)``: one entry per expert (its
-    champion, else its latest version); private versions are not listed."""
+    champion, else its latest version); private versions are not listed.
+
+    Prices: the registered model's price tags override the shown version's. Dates: the version's
+    ``trained_at`` tag, else MLflow's creation time of the version; the champion history lists
+    every version that was ever champion with its ``promoted_at`` tag, oldest promotion first.
+    """
     from factory.library import ExpertLibrary
 
     library = ExpertLibrary(settings)
@@ -208,30 +247,26 @@ def library_catalog(settings: Any) -> LibraryCatalog:
 
     def describe(name: str) -> tuple[list[str], str, dict[str, str], str]:
         shown = library.show(name)
-        rows = library.lineage(name)
-        versions = [str(row["version"]) for row in rows]
-        history = [
-            (str(row["version"]), "")
-            for row in rows
-            if "champion" in row["aliases"] or row["version"] in _superseded(library, name, rows)
-        ]
+        every = [library.show(name, str(row["version"])) for row in library.lineage(name)]
+        history = sorted(
+            (
+                (v.tags.get("promoted_at", ""), v.version)
+                for v in every
+                if "champion" in v.aliases or "promoted_at" in v.tags or "superseded_by" in v.tags
+            ),
+            key=lambda pair: (pair[0], int(pair[1])),
+        )
         tags = dict(shown.tags)
-        tags["champion_history"] = json.dumps(history)
-        return versions, str(shown.version), tags, _card_text(tags)
+        tags.setdefault("trained_at", shown.created_at)
+        overrides = library.model_tags(name)
+        tags.update({key: overrides[key] for key in PRICE_TAGS if overrides.get(key)})
+        tags["champion_history"] = json.dumps([[version, date] for date, version in history])
+        return [v.version for v in every], str(shown.version), tags, _card_text(tags)
 
     def folder(name: str, version: str) -> Path:
         return library.resolve_expert_folder(f"{name}@{version}")
 
     return LibraryCatalog(names, describe, folder)
-
-
-def _superseded(library: Any, name: str, rows: list[dict]) -> set[str]:
-    """Versions that were champion once (they carry a ``superseded_by`` tag)."""
-    return {
-        str(row["version"])
-        for row in rows
-        if "superseded_by" in library.show(name, str(row["version"])).tags
-    }
 
 
 def _card_text(tags: dict[str, str]) -> str:

@@ -2,7 +2,8 @@
 
 :class:`Market` joins the catalog, the licensing ledger and the generator. Every name from a
 request is resolved with :meth:`Market.visible` (catalog lookup plus the exclusivity rule), and
-every expert folder comes from the catalog, so no request text reaches the filesystem.
+every expert folder comes from the catalog, so no request text reaches the filesystem. A buyer
+manages only their own API keys: :meth:`Market.revoke_key` answers False for anyone else's.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import io
 import tarfile
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from factory.hashing import bytes_sha256
-from factory.licensing import Licensing
+from factory.licensing import ApiKey, Licensing
 from marketplace.catalog import Catalog, CatalogEntry
 from marketplace.demo import ExpertHandle, RoutedGenerator
 from marketplace.readiness import Readiness, readiness
@@ -36,6 +40,7 @@ class MarketplaceConfig(BaseModel):
     max_prompt_tokens: int = Field(default=256, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
     link_ttl_s: int = Field(default=900, ge=1)
+    session_ttl_s: int = Field(default=12 * 3600, ge=1, description="buyer session lifetime")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,24 @@ class Routed:
         for route in self.routes:
             counts[route] = counts.get(route, 0) + 1
         return counts
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """What a buyer sees of one API key: never its secret."""
+
+    key_id: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def prefix(self) -> str:
+        """The public start of the key, ``taas_<key_id>_``: enough to recognise it."""
+        return f"taas_{self.key_id}_"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
 
 
 class Market:
@@ -117,6 +140,24 @@ class Market:
             pieces.append(token.text)
             routes.append((token.expert, token.version))
         return Routed("".join(pieces), prompt_tokens, routes)
+
+    def api_keys(self, buyer_id: str) -> list[KeyView]:
+        """The buyer's keys, oldest first."""
+        with Session(self.licensing.engine) as session:
+            stmt = (
+                select(ApiKey)
+                .where(ApiKey.buyer_id == buyer_id)
+                .order_by(ApiKey.created_at, ApiKey.key_id)
+            )
+            return [KeyView(k.key_id, k.created_at, k.revoked_at) for k in session.scalars(stmt)]
+
+    def revoke_key(self, buyer_id: str, key_id: str) -> bool:
+        """Revokes one of the buyer's own keys; False when no key of theirs has this id, so a
+        caller cannot tell another buyer's key from one that does not exist."""
+        if key_id not in {key.key_id for key in self.api_keys(buyer_id)}:
+            return False
+        self.licensing.revoke_key(key_id)
+        return True
 
     def grant(self, buyer_id: str, entry: CatalogEntry, kind: str) -> int:
         price = entry.price

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import threading
 import time
@@ -15,7 +16,8 @@ from fastapi.testclient import TestClient
 from factory.ledger import Ledger
 from factory.licensing import Licensing
 from marketplace.app import create_app
-from marketplace.auth import check_link, sign_link
+from marketplace.auth import check_link, csrf_token, session_buyer, session_cookie, sign_link
+from marketplace.catalog import DEFAULT_PRICES, entry_from_tags
 from marketplace.market import Market, MarketplaceConfig
 from marketplace.readiness import readiness
 from marketplace.sample import record_sample_shares, sample_catalog
@@ -228,12 +230,23 @@ def test_exclusive_expert_is_refused_to_everyone_else(client, market):
     }
 
 
+def csrf_of(html: str) -> str:
+    found = re.findall(r'name="csrf" value="([0-9a-f]*)"', html)
+    assert found and len(set(found)) == 1 and len(found[0]) == 64, found
+    return found[0]
+
+
 def test_account_pages_sign_up_license_and_statement(client, market):
     with TestClient(create_app(market)) as browser:
         response = browser.post("/account", data={"name": "Gamma"})
         assert response.status_code == 200 and "taas_" in response.text  # key shown once
-        assert "api-key" not in browser.get("/account").text
-        licensed = browser.post("/experts/medicine-expert/license", data={"kind": "weight"})
+        assert 'id="api-key"' not in browser.get("/account").text
+        csrf = csrf_of(response.text)
+        forged = browser.post("/experts/medicine-expert/license", data={"kind": "weight"})
+        assert forged.status_code == 403 and "csrf" in forged.json()["detail"]
+        licensed = browser.post(
+            "/experts/medicine-expert/license", data={"kind": "weight", "csrf": csrf}
+        )
         assert licensed.status_code == 200 and "/download/" in licensed.text
     statement = sign_link(market.secret, "/statements/line-0", int(time.time()) + 60)
     page = client.get(statement)
@@ -257,3 +270,126 @@ def test_concurrent_first_requests_build_one_generator(tiny_base, tmp_path):
     for thread in threads:
         thread.join()
     assert len(seen) == 20 and len(set(seen)) == 1
+
+
+def test_session_cookie_expires_and_resists_tampering():
+    secret, now = b"s" * 32, 1_800_000_000
+    cookie = session_cookie(secret, "b_0123456789abcdef", now + 60)
+    buyer, expires, mac = cookie.split(".")
+    assert (buyer, expires) == ("b_0123456789abcdef", str(now + 60)) and len(mac) == 64
+    assert session_buyer(secret, cookie, now=now) == buyer
+    assert session_buyer(secret, cookie, now=now + 60) == buyer  # valid through its last second
+    assert session_buyer(secret, cookie, now=now + 61) is None  # expired
+    later = f"{buyer}.{now + 3600}.{mac}"  # a longer life is not granted by editing the expiry
+    assert session_buyer(secret, later, now=now) is None
+    other = f"b_fedcba9876543210.{expires}.{mac}"  # nor another buyer by editing the id
+    assert session_buyer(secret, other, now=now) is None
+    assert session_buyer(b"t" * 32, cookie, now=now) is None  # another server's secret
+    for malformed in (None, "", buyer, f"{buyer}.{mac}", f"{buyer}.x{expires}.{mac}", "..."):
+        assert session_buyer(secret, malformed, now=now) is None
+    with pytest.raises(ValueError, match="buyer_id"):
+        session_cookie(secret, "a.b", now)
+
+
+def test_session_cookie_lifetime_follows_the_config(tiny_base, tmp_path):
+    market = build_market(tiny_base, tmp_path, session_ttl_s=90)
+    assert MarketplaceConfig(secret="x" * 16, base_model_path=tmp_path).session_ttl_s == 12 * 3600
+    with TestClient(create_app(market)) as browser:
+        before = int(time.time())
+        response = browser.post("/account", data={"name": "Ttl"})
+        header = response.headers["set-cookie"]
+        assert "Max-Age=90" in header and "HttpOnly" in header and "SameSite=lax" in header
+        cookie = browser.cookies["taas_session"].strip('"')
+        expires = int(cookie.split(".")[1])
+        assert before + 90 <= expires <= int(time.time()) + 90
+        assert "Account Ttl" in browser.get("/account").text
+        buyer = cookie.split(".")[0]
+        # An expired session (signed correctly) is a stranger: sign-up page, no licence form.
+        stale = session_cookie(market.secret, buyer, int(time.time()) - 1)
+        browser.cookies.clear()
+        browser.cookies.set("taas_session", stale)
+        assert 'id="signup-form"' in browser.get("/account").text
+        refused = browser.post("/account/keys", data={"csrf": csrf_token(market.secret, stale)})
+        assert refused.status_code == 200 and 'id="signup-form"' in refused.text
+        assert len(market.api_keys(buyer)) == 1  # no key was issued for the stale session
+
+
+def test_buyer_revokes_own_keys_and_issues_new_ones(client, market):
+    with TestClient(create_app(market)) as browser, TestClient(create_app(market)) as intruder:
+        first_key = browser.post("/account", data={"name": "Keys"}).text
+        first_key = re.search(r'id="api-key">(taas_[^<]+)<', first_key).group(1)
+        other = intruder.post("/account", data={"name": "Intruder"})
+        other_key = re.search(r'id="api-key">(taas_[^<]+)<', other.text).group(1)
+        buyer = market.licensing.authenticate(first_key)[0]
+        market.grant(buyer, market.catalog.get("law-expert"), "usage")
+        account = browser.get("/account").text
+        csrf = csrf_of(account)
+        first_id = first_key.split("_")[1]
+        assert f"taas_{first_id}_" in account and first_key not in account  # prefix only
+        assert re.search(
+            rf'data-key-id="{first_id}">.*?<td class="key-status">active', account, re.S
+        )
+
+        issued = browser.post("/account/keys", data={"csrf": csrf})
+        second_key = re.search(r'id="api-key">(taas_[^<]+)<', issued.text).group(1)
+        assert second_key != first_key
+        assert [k.key_id for k in market.api_keys(buyer)] == [first_id, second_key.split("_")[1]]
+
+        body = {"model": "law-expert", "prompt": "hello", "max_tokens": 1}
+        call = {"Authorization": f"Bearer {first_key}"}
+        assert client.post("/v1/completions", json=body, headers=call).status_code == 200
+        # another buyer's key, an unknown key: both 404, and nothing changes
+        other_id = other_key.split("_")[1]
+        for key_id in (other_id, "0" * 16):
+            answer = browser.post(f"/account/keys/{key_id}/revoke", data={"csrf": csrf})
+            assert answer.status_code == 404 and answer.json()["detail"] == "no such key"
+        assert market.licensing.authenticate(other_key)[0] != buyer  # still valid
+        # a cross-site form has the cookie but not the token
+        for forged in ({}, {"csrf": "0" * 64}, {"csrf": csrf_of(intruder.get("/account").text)}):
+            answer = browser.post(f"/account/keys/{first_id}/revoke", data=forged)
+            assert answer.status_code == 403
+        assert client.post("/v1/completions", json=body, headers=call).status_code == 200
+
+        revoked = browser.post(f"/account/keys/{first_id}/revoke", data={"csrf": csrf})
+        assert revoked.status_code == 200 and revoked.url.path == "/account"  # after 303
+        assert re.search(rf'data-key-id="{first_id}">.*?key-status">revoked', revoked.text, re.S)
+        answer = client.post("/v1/completions", json=body, headers=call)
+        assert answer.status_code == 401 and answer.json()["detail"]["reason"] == "revoked"
+        fresh = {"Authorization": f"Bearer {second_key}"}
+        assert client.post("/v1/completions", json=body, headers=fresh).status_code == 200
+        assert [k.active for k in market.api_keys(buyer)] == [False, True]
+
+
+def test_catalog_prices_and_dates_from_tags():
+    tags = {
+        "price_per_1k_tokens": "0.002",
+        "weight_fee": "900",
+        "maintenance_fee": "150.50",
+        "exclusive_premium": "12000",
+        "trained_at": "2026-03-04T05:06:07+00:00",
+        "champion_history": json.dumps([["1", "2026-03-04T06:00:00+00:00"]]),
+    }
+    entry = entry_from_tags("x", ["1"], "1", tags)
+    assert entry.price.per_token == Decimal("0.000002")
+    assert str(entry.price.per_token) == "0.000002"  # exact, no float on the way
+    assert (entry.price.weight_fee, entry.price.maintenance_fee) == (
+        Decimal("900"),
+        Decimal("150.50"),
+    )
+    assert entry.price.exclusive_premium == Decimal("12000")
+    assert entry.last_trained == "2026-03-04T05:06:07+00:00"
+    assert entry.champion_history == [("1", "2026-03-04T06:00:00+00:00")]
+    default = entry_from_tags("x", ["1"], "1", {})
+    assert default.price.per_token == Decimal(DEFAULT_PRICES["price_per_1k_tokens"]) / 1000
+    assert default.price.per_token == Decimal("0.0001") and default.last_trained == ""
+    for bad in ("abc", "-1", "NaN", "Infinity"):
+        with pytest.raises(ValueError, match="weight_fee"):
+            entry_from_tags("x", ["1"], "1", {"weight_fee": bad})
+
+
+def test_pages_show_training_and_champion_dates(client):
+    page = client.get("/").text
+    assert '<span class="last-trained">2026-01-01</span>' in page  # law-expert, seed 0
+    expert = client.get("/experts/medicine-expert").text
+    assert '<td id="last-trained">2026-01-02</td>' in expert
+    assert "version 1 champion since 2026-01-02" in expert
