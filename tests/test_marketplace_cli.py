@@ -7,6 +7,8 @@ import time
 from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 from cli.main import main
 from factory.ledger import Ledger
 from factory.licensing import Licensing
@@ -49,3 +51,26 @@ def test_readiness_reports_short_domains(taas_home, tiny_base, monkeypatch, caps
     assert main([*args[:-4], "--min-domains", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["open"] is False
     assert main(["marketplace", "readiness", "--sample", "99"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "why"),
+    [
+        ("--per-1k-tokens", "abc", "is not a decimal amount"),
+        ("--weight-fee", "-5", "must be a finite amount >= 0"),
+        ("--maintenance-fee", "NaN", "must be a finite amount >= 0"),
+        ("--exclusive-premium", "Infinity", "must be a finite amount >= 0"),
+    ],
+)
+def test_price_refuses_bad_amounts_naming_the_flag(taas_home, capsys, flag, value, why):
+    args = ["marketplace", "price", "law", "--per-1k-tokens", "0.002", f"{flag}={value}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"taas: error: {flag}: {value!r} ") and why in err[0]
+    # refused before the library is opened: nothing was created under the home
+    assert list(taas_home.iterdir()) == []
+
+
+def test_price_needs_an_amount(taas_home, capsys):
+    assert main(["marketplace", "price", "law"]) == 2
+    assert "give at least one of --per-1k-tokens" in capsys.readouterr().err
