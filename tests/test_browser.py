@@ -1,7 +1,8 @@
 """The marketplace in a real browser: headless Chromium (Playwright) against uvicorn on loopback.
 
 Browse to an expert, compare two, run a demo prompt and see the streamed text with its expert,
-create an account and license an expert. Screenshots go to ``test-artifacts/``.
+create an account, license an expert, issue a second API key and revoke the first.
+Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -105,8 +106,18 @@ def test_browse_compare_demo_and_license(site):
         link = page.locator("#licences a", has_text="weights")
         assert "/download/" in link.get_attribute("href")
         page.screenshot(path=str(ARTIFACTS / "account.png"), full_page=True)
+
+        page.click("#new-key-button")
+        second = page.locator("#api-key").inner_text()
+        assert second.startswith("taas_") and second != key
+        first_row = page.locator(f"tr[data-key-id='{key.split('_')[1]}']")
+        first_row.locator(".revoke-button").click()
+        expect(first_row.locator(".key-status")).to_contain_text("revoked")
+        second_row = page.locator(f"tr[data-key-id='{second.split('_')[1]}']")
+        expect(second_row.locator(".key-status")).to_have_text("active")
         browser.close()
-    buyer, _ = market.licensing.authenticate(key)
+    assert market.licensing.authenticate(key) == "revoked"
+    buyer, _ = market.licensing.authenticate(second)
     assert [(lic.expert_name, lic.kind) for lic in market.licensing.licences_of(buyer)] == [
         ("finance-expert", "weight")
     ]
