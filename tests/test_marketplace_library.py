@@ -161,3 +161,9 @@ def test_library_experts_appear_with_provenance(tiny_base, tmp_path, taas_home, 
         ("2", "weight_fee", Decimal("1000.00")),
         ("2", "maintenance", Decimal("100.00")),
     ]
+    # a rollback makes v1 champion again from now on
+    library.rollback("law-lib")
+    entry = catalog.get("law-lib")
+    dates = dict(entry.champion_history)
+    assert entry.champion == "1" and set(dates) == {"1", "2"}
+    assert second <= utc(dates["1"]) <= datetime.now(UTC)
