@@ -56,6 +56,7 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(default=1, ge=1)
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)  # global L2 norm clipped to before a step
     lora_rank: int = Field(ge=1)
     lora_alpha: float = Field(gt=0)
     target_modules: list[str]
@@ -180,12 +181,20 @@ def _build_model(config: TrainConfig):
     return model, adapter_config
 
 
+def _clips_locally(config: TrainConfig) -> bool:
+    """fp32 ZeRO-0 gradients are whole on every rank after DeepSpeed's all-reduce, so their norm
+    needs no communication; DeepSpeed's own clipping would all-reduce it once more (it averages
+    norms for mixture-of-experts layers), a second collective every step. ZeRO 1-3 and bf16 keep
+    DeepSpeed's clipping: there the gradients are partitioned or held by its optimizer wrapper."""
+    return config.zero_stage == 0 and config.precision == "fp32"
+
+
 def _ds_config(config: TrainConfig, world: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "train_batch_size": config.micro_batch_size * config.grad_accum * world,
-        "gradient_clipping": 1.0,
+        "gradient_clipping": 0.0 if _clips_locally(config) else config.max_grad_norm,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": config.precision == "bf16"},
         "zero_optimization": {
@@ -258,6 +267,7 @@ def run(config: TrainConfig, rank: int) -> int:
         elif rank == 0:
             _emit("TAAS_EVENT", {"event": "checkpoint_ignored", "reason": "config_mismatch"})
 
+    clip_locally = _clips_locally(config)
     injected = set(config.inject_nonfinite_steps)
     nonfinite_in_row, seen_nonfinite = 0, False
     last_loss = float("nan")
@@ -275,14 +285,13 @@ def run(config: TrainConfig, rank: int) -> int:
             if step in injected:
                 loss = loss * float("nan")
             losses.append(loss)
-        # Every rank must take the same decision, or the collectives below would hang.
-        flags = torch.tensor([float(not all(torch.isfinite(x).item() for x in losses))])
-        mean_loss = torch.tensor([sum(x.detach().float().item() for x in losses) / len(losses)])
-        if device is not None:
-            flags, mean_loss = flags.to(device), mean_loss.to(device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        dist.all_reduce(mean_loss)
-        if flags.item() > 0:
+        # Every rank must take the same decision, or the collectives below would hang. One
+        # all-reduce carries both numbers: how many ranks saw a non-finite loss, and the loss sum.
+        detached = torch.stack([x.detach().float() for x in losses])
+        stats = torch.stack([(~torch.isfinite(detached)).any().float(), detached.mean()])
+        dist.all_reduce(stats)  # on the losses' device: NCCL on GPU, gloo on CPU
+        nonfinite_ranks, loss_sum = stats.tolist()
+        if nonfinite_ranks > 0:
             nonfinite_in_row += 1
             seen_nonfinite = True
             if rank == 0:
@@ -293,11 +302,16 @@ def run(config: TrainConfig, rank: int) -> int:
                 return EXIT_NON_FINITE
             continue
         nonfinite_in_row = 0
+        grad_norm = None
         for loss in losses:
             engine.backward(loss)
+            if clip_locally and engine.is_gradient_accumulation_boundary():
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             engine.step()
+        if grad_norm is None:  # DeepSpeed clipped: it keeps the norm it measured
+            grad_norm = engine.get_global_grad_norm()
         tokens_seen += world * config.micro_batch_size * config.grad_accum * seq_len
-        last_loss = mean_loss.item() / world
+        last_loss = loss_sum / world
         elapsed = time.perf_counter() - started
         if rank == 0:
             _emit(
@@ -306,6 +320,7 @@ def run(config: TrainConfig, rank: int) -> int:
                     "step": step + 1,
                     "loss": last_loss,
                     "lr": engine.get_lr()[0],
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
                     "tokens_per_s": world
                     * config.micro_batch_size
                     * config.grad_accum

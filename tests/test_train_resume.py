@@ -142,6 +142,22 @@ def test_zero3_trains_and_resumes_under_the_deepspeed_launcher(line):
     assert max_difference(adapter(reference), adapter(killed)) <= 1e-5
 
 
+def test_zero0_clips_locally_as_deepspeed_clips_under_zero2(line):
+    """ZeRO-0 clips the (already all-reduced) gradients itself; ZeRO-2 leaves it to DeepSpeed.
+    With a norm small enough to clip every step, both measure the same gradient norms and end
+    with the same adapter."""
+    trained, norms = {}, {}
+    for stage in (2, 0):
+        config = line(f"clip-z{stage}", zero_stage=stage, steps=4, max_grad_norm=0.01)
+        result = run(config)
+        assert result.outcome == "ok", result
+        trained[stage] = adapter(config)
+        norms[stage] = [m["grad_norm"] for m in result.metrics]
+    assert len(norms[0]) == 4 and all(n > 0.01 for n in norms[0]), norms  # clipping engaged
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+    assert max_difference(trained[2], trained[0]) <= 1e-5
+
+
 def test_non_finite_losses_skip_then_abort_without_checkpoints(line):
     config = line("nan", zero_stage=0, steps=10, checkpoint_every=1,
                   inject_nonfinite_steps=[1, 4, 5, 6])  # fmt: skip
