@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,15 @@ from factory.hashing import json_sha256
 
 EXIT_BAD_CONFIG = 64
 EXIT_NON_FINITE = 65
+EXIT_WORKER_ERROR = 66
+EXIT_RETRYABLE = 1
+# Exceptions that the same inputs would raise again: retrying cannot help. RuntimeError and
+# OSError are left retryable on purpose: a lost peer surfaces in the survivors as a RuntimeError
+# (DistBackendError) from the next collective, and file-system errors can be transient.
+_DETERMINISTIC = (
+    ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError,
+    NotImplementedError, ImportError,
+)  # fmt: skip
 # Test-only knobs: excluded from the config hash so a resumed run matches its checkpoints.
 _TEST_KNOBS = ("inject_nonfinite_steps", "kill_during_save_at_step")
 
@@ -404,11 +414,51 @@ def main(argv: list[str] | None = None) -> int:
 
         if base_model_sha256(config.base_model_path) != config.base_model_sha256:
             raise ValueError("base_model_sha256 does not match the folder at base_model_path")
+        check_inputs(config)
     except (ValidationError, ValueError, OSError) as exc:
         if rank == 0:
             _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "bad_config", "detail": str(exc)})
         return EXIT_BAD_CONFIG
-    return run(config, rank)
+    try:
+        return run(config, rank)
+    except Exception as exc:
+        traceback.print_exc()
+        code = exit_code_for(exc)
+        if code == EXIT_WORKER_ERROR:  # any rank may be the one that failed: each reports
+            detail = f"rank {rank}: {type(exc).__name__}: {exc}"
+            _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "worker_error", "detail": detail})
+        return code
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """EXIT_WORKER_ERROR (final) for an exception the same inputs would raise again, else
+    EXIT_RETRYABLE (the launcher retries a lost peer or an I/O fault)."""
+    return EXIT_WORKER_ERROR if isinstance(exc, _DETERMINISTIC) else EXIT_RETRYABLE
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Fails fast, before any process group exists, on inputs a run could never use: ValueError
+    naming the field."""
+    import datasets
+
+    from factory.expert import ADAPTER_CONFIG, ADAPTER_FILE
+    from factory.signing import load_private_key
+
+    train = Path(config.data_path) / "train"
+    try:
+        columns = datasets.load_from_disk(str(train)).column_names
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"data_path: no tokenized train split at {train} ({exc})") from None
+    if "input_ids" not in columns:
+        raise ValueError(f"data_path: {train} has no input_ids column (columns: {columns})")
+    if config.init_adapter is not None:
+        for name in (ADAPTER_CONFIG, ADAPTER_FILE):
+            if not (Path(config.init_adapter) / name).is_file():
+                raise ValueError(f"init_adapter: {config.init_adapter} has no {name}")
+    try:
+        load_private_key(config.key_path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"key_path: {config.key_path} is not a readable ed25519 key") from exc
 
 
 if __name__ == "__main__":

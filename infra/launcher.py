@@ -9,8 +9,9 @@ group and to every descendant (torchrun puts its ranks in sessions of their own)
 that none survives.
 
 Outcomes: ``ok``; ``final`` when the worker says the input is at fault (``bad_config``,
-``non_finite_loss``: retrying would fail the same way); ``retryable`` for everything else (a
-lost rank, a signal, a timeout): infrastructure failures never count against a contributor.
+``non_finite_loss``, ``worker_error``: retrying would fail the same way); ``retryable`` for
+everything else (a lost rank, a signal, a timeout): infrastructure failures never count against a
+contributor.
 
 Multi-node: pass ``launcher="deepspeed"`` and a DeepSpeed hostfile, one line per node::
 
@@ -42,7 +43,13 @@ import psutil
 
 EXIT_BAD_CONFIG = 64  # same values as factory.train (infra must not import factory)
 EXIT_NON_FINITE = 65
-FINAL_REASONS = ("bad_config", "non_finite_loss")
+EXIT_WORKER_ERROR = 66
+FINAL_REASONS = ("bad_config", "non_finite_loss", "worker_error")
+_FINAL_CODES = {
+    EXIT_BAD_CONFIG: "bad_config",
+    EXIT_NON_FINITE: "non_finite_loss",
+    EXIT_WORKER_ERROR: "worker_error",
+}
 _HOST_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s+slots=([1-9][0-9]*)$")
 
 
@@ -283,12 +290,10 @@ def _classify(result: LaunchResult) -> LaunchResult:
         result.outcome = "retryable"
     elif result.returncode == 0 and result.report.get("outcome") == "ok":
         result.outcome, result.reason = "ok", ""
-    elif reported in FINAL_REASONS or result.returncode in (EXIT_BAD_CONFIG, EXIT_NON_FINITE):
+    elif reported in FINAL_REASONS or result.returncode in _FINAL_CODES:
         # torchrun exits 1 whatever the rank's code was, so the worker's own report decides.
         result.outcome = "final"
-        result.reason = reported or (
-            "bad_config" if result.returncode == EXIT_BAD_CONFIG else "non_finite_loss"
-        )
+        result.reason = reported or _FINAL_CODES[result.returncode]
     else:
         result.outcome = "retryable"
         result.reason = "signal" if result.returncode < 0 else "worker_lost"

@@ -72,7 +72,11 @@ def test_metrics_are_streamed_and_logged(tmp_path):
 
 @pytest.mark.parametrize(
     ("mode", "outcome", "reason"),
-    [("non_finite", "final", "non_finite_loss"), ("crash", "retryable", "worker_lost")],
+    [
+        ("non_finite", "final", "non_finite_loss"),
+        ("worker_error", "final", "worker_error"),
+        ("crash", "retryable", "worker_lost"),
+    ],
 )
 def test_exit_codes_map_to_outcomes(mode, outcome, reason):
     result = launch([mode], 2, env=ENV, worker_module=WORKER, timeout_s=120)

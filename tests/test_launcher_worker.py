@@ -1,7 +1,8 @@
 """A stand-in worker for launcher tests (run as ``python -m tests.test_launcher_worker MODE``).
 
 Modes: ``metrics`` prints two metrics and exits 0; ``non_finite`` reports non_finite_loss and
-exits 65; ``crash`` exits 1 without a report; ``hang`` starts a child in its own session and
+exits 65; ``crash`` exits 1 without a report; ``worker_error`` has rank 1 report worker_error and
+exit 66 while rank 0 hangs; ``hang`` starts a child in its own session and
 sleeps, printing a metric so the test knows it is up.
 """
 
@@ -29,6 +30,12 @@ if __name__ == "__main__":
         sys.exit(65)
     if mode == "crash":
         sys.exit(1)
+    if mode == "worker_error":  # only rank 1 fails, as when one rank hits a bad input
+        if rank == 1:
+            print("TAAS_OUTCOME " + json.dumps({"outcome": "final", "reason": "worker_error"}))
+            sys.stdout.flush()
+            sys.exit(66)
+        time.sleep(600)  # rank 0 waits in a collective until torchrun stops it
     if mode == "hang":
         child = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True

@@ -7,7 +7,18 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from factory.train import TrainConfig, batch_positions, lr_factor, sample_at, shard_rows
+from factory.signing import load_or_create_key
+from factory.train import (
+    EXIT_RETRYABLE,
+    EXIT_WORKER_ERROR,
+    TrainConfig,
+    batch_positions,
+    check_inputs,
+    exit_code_for,
+    lr_factor,
+    sample_at,
+    shard_rows,
+)
 
 
 def config_dict(tmp_path, **changes) -> dict:
@@ -62,6 +73,32 @@ def test_config_hash_ignores_test_knobs_only(tmp_path):
     knob = TrainConfig.model_validate(config_dict(tmp_path, inject_nonfinite_steps=[3])).sha256()
     other = TrainConfig.model_validate(config_dict(tmp_path, seed=8)).sha256()
     assert base == knob and base != other and len(base) == 64
+
+
+def test_inputs_a_run_could_never_use_are_refused_by_field(tmp_path, prepared_data):
+    load_or_create_key(tmp_path / "k.pem")
+    good = config_dict(tmp_path, data_path=str(prepared_data))
+    check_inputs(TrainConfig.model_validate(good))
+    (tmp_path / "bad.pem").write_text("not a key")
+    (tmp_path / "adapter").mkdir()
+    for changes, field in [
+        ({"data_path": str(tmp_path / "missing")}, "data_path"),
+        (
+            {"init_adapter": str(tmp_path / "adapter"), "parent_adapter_sha256": "0" * 64},
+            "init_adapter",
+        ),
+        ({"key_path": str(tmp_path / "bad.pem")}, "key_path"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            check_inputs(TrainConfig.model_validate({**good, **changes}))
+
+
+def test_exceptions_the_same_inputs_would_raise_again_are_final():
+    assert exit_code_for(ValueError("shape")) == EXIT_WORKER_ERROR
+    assert exit_code_for(KeyError("lora_A")) == EXIT_WORKER_ERROR
+    # a lost peer surfaces in the survivors as a RuntimeError from the collective
+    assert exit_code_for(RuntimeError("Connection closed by peer")) == EXIT_RETRYABLE
+    assert exit_code_for(OSError("No space left on device")) == EXIT_RETRYABLE
 
 
 def test_data_order_is_a_permutation_per_epoch_and_deterministic():
