@@ -122,6 +122,24 @@ class DownloadLog(Base):
 
 
 @dataclass(frozen=True)
+class KeyRecord:
+    """What a buyer may see of one API key: never its secret."""
+
+    key_id: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def prefix(self) -> str:
+        """The public start of the key, ``taas_<key_id>_``: enough to recognise it."""
+        return f"taas_{self.key_id}_"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
 class InvoiceLine:
     expert_name: str
     expert_version: str
@@ -234,11 +252,15 @@ class Licensing:
                 return "revoked"
             return row.buyer_id, row.key_id
 
-    def keys_of(self, buyer_id: str) -> list[tuple[str, bool]]:
-        """(key_id, revoked) for every key of a buyer."""
+    def keys_of(self, buyer_id: str) -> list[KeyRecord]:
+        """Every key of a buyer, oldest first (never the secret)."""
         with Session(self.engine) as session:
-            rows = session.scalars(select(ApiKey).where(ApiKey.buyer_id == buyer_id))
-            return [(row.key_id, row.revoked_at is not None) for row in rows]
+            stmt = (
+                select(ApiKey)
+                .where(ApiKey.buyer_id == buyer_id)
+                .order_by(ApiKey.created_at, ApiKey.key_id)
+            )
+            return [KeyRecord(k.key_id, k.created_at, k.revoked_at) for k in session.scalars(stmt)]
 
     # licences ---------------------------------------------------------------------------------
     def grant(

@@ -191,18 +191,30 @@ def create_app(market: Market) -> FastAPI:
             downloads=market.licensing.downloads_of(buyer_id),
         )
 
+    def open_session(request: Request, buyer_id: str, new_key: str | None) -> HTMLResponse:
+        ttl = market.config.session_ttl_s
+        cookie = session_cookie(market.secret, buyer_id, int(time.time()) + ttl)
+        response = account_page(request, buyer_id, new_key, cookie)
+        response.set_cookie(COOKIE, cookie, max_age=ttl, httponly=True, samesite="lax")
+        return response
+
     @app.post("/account")
     def sign_up(request: Request, name: str = Form(...)) -> HTMLResponse:
         try:
             buyer_id = market.licensing.create_buyer(name)
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
-        ttl = market.config.session_ttl_s
-        cookie = session_cookie(market.secret, buyer_id, int(time.time()) + ttl)
         # The key is rendered once in this response and never stored in clear anywhere.
-        response = account_page(request, buyer_id, market.licensing.issue_key(buyer_id), cookie)
-        response.set_cookie(COOKIE, cookie, max_age=ttl, httponly=True, samesite="lax")
-        return response
+        return open_session(request, buyer_id, market.licensing.issue_key(buyer_id))
+
+    @app.post("/account/signin")
+    def sign_in(request: Request, key: str = Form("")) -> HTMLResponse:
+        """A new session for the holder of one of the buyer's active API keys (the way back in
+        once a session has expired); refused keys get the API's reasons."""
+        found = market.licensing.authenticate(key.strip())
+        if isinstance(found, str):
+            raise HTTPException(401, detail={"error": "api_key", "reason": found})
+        return open_session(request, found[0], None)
 
     @app.get("/account", response_class=HTMLResponse)
     def account(request: Request) -> HTMLResponse:

@@ -12,16 +12,13 @@ import io
 import tarfile
 import threading
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from factory.hashing import bytes_sha256
-from factory.licensing import ApiKey, Licensing
+from factory.licensing import KeyRecord, Licensing
 from marketplace.catalog import Catalog, CatalogEntry
 from marketplace.demo import ExpertHandle, RoutedGenerator
 from marketplace.readiness import Readiness, readiness
@@ -56,24 +53,6 @@ class Routed:
         for route in self.routes:
             counts[route] = counts.get(route, 0) + 1
         return counts
-
-
-@dataclass(frozen=True)
-class KeyView:
-    """What a buyer sees of one API key: never its secret."""
-
-    key_id: str
-    created_at: datetime
-    revoked_at: datetime | None
-
-    @property
-    def prefix(self) -> str:
-        """The public start of the key, ``taas_<key_id>_``: enough to recognise it."""
-        return f"taas_{self.key_id}_"
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
 
 
 class Market:
@@ -141,15 +120,9 @@ class Market:
             routes.append((token.expert, token.version))
         return Routed("".join(pieces), prompt_tokens, routes)
 
-    def api_keys(self, buyer_id: str) -> list[KeyView]:
+    def api_keys(self, buyer_id: str) -> list[KeyRecord]:
         """The buyer's keys, oldest first."""
-        with Session(self.licensing.engine) as session:
-            stmt = (
-                select(ApiKey)
-                .where(ApiKey.buyer_id == buyer_id)
-                .order_by(ApiKey.created_at, ApiKey.key_id)
-            )
-            return [KeyView(k.key_id, k.created_at, k.revoked_at) for k in session.scalars(stmt)]
+        return self.licensing.keys_of(buyer_id)
 
     def revoke_key(self, buyer_id: str, key_id: str) -> bool:
         """Revokes one of the buyer's own keys; False when no key of theirs has this id, so a

@@ -314,6 +314,31 @@ def test_session_cookie_lifetime_follows_the_config(tiny_base, tmp_path):
         assert len(market.api_keys(buyer)) == 1  # no key was issued for the stale session
 
 
+def test_an_active_api_key_signs_the_buyer_back_in(market):
+    with TestClient(create_app(market)) as browser:
+        signed_up = browser.post("/account", data={"name": "Returning"}).text
+        key = re.search(r'id="api-key">(taas_[^<]+)<', signed_up).group(1)
+        buyer = market.licensing.authenticate(key)[0]
+        browser.cookies.clear()  # the session is gone (expired, another device)
+        assert 'id="signin-form"' in browser.get("/account").text
+        for presented, reason in [
+            ("", "missing"),
+            ("taas_x", "malformed"),
+            (key + "x", "mismatch"),
+        ]:
+            answer = browser.post("/account/signin", data={"key": presented})
+            assert answer.status_code == 401 and answer.json()["detail"]["reason"] == reason
+            assert "taas_session" not in browser.cookies
+        back = browser.post("/account/signin", data={"key": key})
+        assert back.status_code == 200 and "Account Returning" in back.text
+        assert session_buyer(market.secret, browser.cookies["taas_session"].strip('"')) == buyer
+        assert key not in back.text  # the key is never shown again
+        market.licensing.revoke_key(key.split("_")[1])
+        browser.cookies.clear()
+        answer = browser.post("/account/signin", data={"key": key})
+        assert answer.status_code == 401 and answer.json()["detail"]["reason"] == "revoked"
+
+
 def test_buyer_revokes_own_keys_and_issues_new_ones(client, market):
     with TestClient(create_app(market)) as browser, TestClient(create_app(market)) as intruder:
         first_key = browser.post("/account", data={"name": "Keys"}).text
