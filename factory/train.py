@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.hashing import json_sha256
+from infra.launcher import watch_owner
 
 EXIT_BAD_CONFIG = 64
 EXIT_NON_FINITE = 65
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     args = parser.parse_args(argv)
     _die_with_parent()
+    watch_owner(EXIT_RETRYABLE)
     rank = int(os.environ.get("RANK", "0"))
     try:
         config = load_config(args.config)

@@ -33,6 +33,7 @@ from factory.expert import ADAPTER_CONFIG, ADAPTER_FILE, lora_config_dict, read_
 from factory.hashing import json_sha256, tensors_sha256
 from factory.ledger import Ledger
 from infra.atomic import atomic_write_json, committed_dir, verify_committed
+from infra.launcher import jobs_stopped_on_interrupt
 from infra.settings import Settings
 from tasks.scoring import alpha_search_task, merge_cycle_task
 from tasks.training import train_line
@@ -161,7 +162,8 @@ def train_lines(inputs: CycleInputs, plan: dict, settings: Settings) -> list[dic
             )
             for config in configs[start : start + width]
         ]
-        results.extend(f.result() for f in futures)
+        with jobs_stopped_on_interrupt():  # a cancelled flow run takes its DeepSpeed jobs down
+            results.extend(f.result() for f in futures)
     for line, result in zip(plan["lines"], results, strict=True):
         result["contributor_id"] = line["contributor_id"]
         print(

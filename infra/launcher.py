@@ -30,11 +30,13 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -128,7 +130,7 @@ class Job:
 
     def __init__(self, command: list[str], env: dict[str, str] | None, log_path: Path | None):
         self.log_path = Path(log_path) if log_path else None
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, **(env or {}), **owner_env()}
         self.proc = subprocess.Popen(
             command,
             env=full_env,
@@ -140,6 +142,7 @@ class Job:
         )
         self.pgid = self.proc.pid
         self._seen: set[int] = {self.proc.pid}
+        self.stop = threading.Event()  # set by stop_all_jobs()
 
     def descendants(self) -> set[int]:
         """Every pid started by the job so far (remembered, as ranks get re-parented)."""
@@ -232,6 +235,8 @@ def launch(
     """Runs ``python -m worker_module worker_args`` on ``nprocs`` ranks and waits for it."""
     command = build_command(worker_module, worker_args, nprocs, launcher, hostfile)
     job = Job(command, env, log_path)
+    with _LIVE_LOCK:
+        _LIVE.add(job)
     result = LaunchResult(returncode=-1, outcome="retryable", reason="")
     reader = threading.Thread(target=_pump, args=(job, result, on_metric), daemon=True)
     reader.start()
@@ -245,20 +250,97 @@ def launch(
                 job.kill(grace_s)
                 result.reason = "timeout"
                 break
-            if cancel is not None and cancel.is_set():
+            if job.stop.is_set() or (cancel is not None and cancel.is_set()):
                 job.kill(grace_s)
                 result.reason = "cancelled"
                 break
             time.sleep(0.1)
+        reader.join(timeout=10)
+        if job.alive():
+            job.kill(grace_s)  # a rank outliving its launcher is a lost worker, not a success
     except BaseException:
         # KeyboardInterrupt, CancelledError, Prefect's cancellation: never leave ranks behind.
         job.kill(grace_s)
         raise
-    reader.join(timeout=10)
-    if job.alive():
-        job.kill(grace_s)  # a rank outliving its launcher is a lost worker, not a success
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(job)
     result.returncode = job.proc.wait()
     return _classify(result)
+
+
+_LIVE: set[Job] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def stop_all_jobs(wait_s: float = 60.0) -> None:
+    """Cancels every job this process is running (in any thread) and waits until their
+    :func:`launch` calls have killed them and returned, up to ``wait_s``."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for job in live:
+        job.stop.set()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with _LIVE_LOCK:
+            if not _LIVE & set(live):
+                return
+        time.sleep(0.1)
+
+
+@contextmanager
+def jobs_stopped_on_interrupt(wait_s: float = 60.0) -> Iterator[None]:
+    """For a thread that waits on jobs launched by other threads (a flow waiting on its Prefect
+    task futures). A cancelled flow run is stopped by a SIGTERM that Prefect turns into an
+    exception in the main thread; the task threads never see it, and the interpreter would wait
+    for them (their jobs run to the end) before exiting. Any exception here stops every job
+    first, then propagates."""
+    try:
+        yield
+    except BaseException:
+        stop_all_jobs(wait_s)
+        raise
+
+
+def owner_env() -> dict[str, str]:
+    """Tells the ranks which process launched them (see :func:`watch_owner`)."""
+    me = psutil.Process()
+    return {
+        "TAAS_OWNER_PID": str(me.pid),
+        "TAAS_OWNER_CREATED": repr(me.create_time()),
+        "TAAS_OWNER_HOST": socket.gethostname(),
+    }
+
+
+def watch_owner(exit_code: int = 1, period_s: float = 1.0) -> None:
+    """Called by a worker rank: exits the rank when the process that launched the job is gone.
+
+    If the launching process is SIGKILLed (a Prefect runner escalating a cancellation, the OOM
+    killer), nothing runs its clean-up: torchrun or the deepspeed launcher, started in sessions
+    of their own, would keep training for nobody. A rank that sees its owner gone exits, and the
+    launchers stop the rest of the job when one rank fails. Ranks on other hosts (multi-node)
+    cannot see the owner and do not watch; their launcher's ssh session ends instead.
+    """
+    pid, created = os.environ.get("TAAS_OWNER_PID"), os.environ.get("TAAS_OWNER_CREATED")
+    if not pid or not created or os.environ.get("TAAS_OWNER_HOST") != socket.gethostname():
+        return
+
+    def owner_alive() -> bool:
+        try:  # the create time guards against a recycled pid
+            return psutil.Process(int(pid)).create_time() == float(created)
+        except (psutil.NoSuchProcess, ValueError):
+            return False
+
+    def watch() -> None:
+        while owner_alive():
+            time.sleep(period_s)
+        try:  # the owner held the read end of the log pipe: this write may fail
+            print(f"TAAS_EVENT {json.dumps({'event': 'owner_gone', 'owner_pid': int(pid)})}")
+            sys.stdout.flush()
+        finally:
+            os._exit(exit_code)
+
+    threading.Thread(target=watch, name="taas-owner-watch", daemon=True).start()
 
 
 def _pump(job: Job, result: LaunchResult, on_metric) -> None:

@@ -3,7 +3,8 @@
 Modes: ``metrics`` prints two metrics and exits 0; ``non_finite`` reports non_finite_loss and
 exits 65; ``crash`` exits 1 without a report; ``worker_error`` has rank 1 report worker_error and
 exit 66 while rank 0 hangs; ``hang`` starts a child in its own session and
-sleeps, printing a metric so the test knows it is up.
+sleeps, printing a metric so the test knows it is up; ``busy`` sleeps watching the process that
+launched it (``infra.launcher.watch_owner``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ if __name__ == "__main__":
             sys.stdout.flush()
             sys.exit(66)
         time.sleep(600)  # rank 0 waits in a collective until torchrun stops it
+    if mode == "busy":  # a rank that runs until stopped, watching its owner as factory.train does
+        from infra.launcher import watch_owner
+
+        watch_owner()
+        print("TAAS_METRIC " + json.dumps({"step": 1, "rank": rank}), flush=True)
+        time.sleep(600)
     if mode == "hang":
         child = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
