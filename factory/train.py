@@ -279,6 +279,11 @@ def run(config: TrainConfig, rank: int) -> int:
             _emit("TAAS_EVENT", {"event": "checkpoint_ignored", "reason": "config_mismatch"})
 
     clip_locally = _clips_locally(config)
+    # With ZeRO-0 gradients in param.grad and one micro-batch per step, a skipped step is undone
+    # by dropping the gradients, so the backward pass may start before the ranks agree on the
+    # losses: the agreement then costs no barrier of its own. Elsewhere (partitioned gradients,
+    # accumulation) the ranks agree first.
+    overlap = clip_locally and config.grad_accum == 1
     injected = set(config.inject_nonfinite_steps)
     nonfinite_in_row, seen_nonfinite = 0, False
     last_loss = float("nan")
@@ -300,9 +305,16 @@ def run(config: TrainConfig, rank: int) -> int:
         # all-reduce carries both numbers: how many ranks saw a non-finite loss, and the loss sum.
         detached = torch.stack([x.detach().float() for x in losses])
         stats = torch.stack([(~torch.isfinite(detached)).any().float(), detached.mean()])
-        dist.all_reduce(stats)  # on the losses' device: NCCL on GPU, gloo on CPU
+        if overlap:  # runs during the backward pass instead of as a barrier of its own
+            pending = dist.all_reduce(stats, async_op=True)
+            engine.backward(losses[0])
+            pending.wait()
+        else:
+            dist.all_reduce(stats)  # on the losses' device: NCCL on GPU, gloo on CPU
         nonfinite_ranks, loss_sum = stats.tolist()
         if nonfinite_ranks > 0:
+            if overlap:
+                engine.zero_grad()  # this batch's gradients are dropped: no optimizer step
             nonfinite_in_row += 1
             seen_nonfinite = True
             if rank == 0:
@@ -315,7 +327,8 @@ def run(config: TrainConfig, rank: int) -> int:
         nonfinite_in_row = 0
         grad_norm = None
         for loss in losses:
-            engine.backward(loss)
+            if not overlap:
+                engine.backward(loss)
             if clip_locally and engine.is_gradient_accumulation_boundary():
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             engine.step()
