@@ -70,7 +70,8 @@ def _register_price(sub: argparse._SubParsersAction) -> None:
 
 
 def _price(args: argparse.Namespace) -> int:
-    from factory.library import ExpertLibrary, price_amount
+    from factory.commission import price_amount
+    from factory.library import ExpertLibrary
     from infra.settings import get_settings
 
     # Checked before the library opens, so a bad amount changes nothing and names its flag.

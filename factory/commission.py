@@ -117,6 +117,30 @@ class BenchmarksSection(_Section):
     tasks: list[str] = Field(default_factory=list)
 
 
+# The prices a commission may set; the library keeps them as tags of these names.
+PRICE_TAGS = ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
+
+
+def amount(value: Any) -> Decimal:
+    """``value`` as a finite Decimal >= 0 (money is never float); ValueError otherwise."""
+    try:
+        parsed = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a decimal amount; write it like '0.002'") from None
+    if not parsed.is_finite() or parsed < 0:
+        raise ValueError(f"{value!r} must be a finite amount >= 0")
+    return parsed
+
+
+def price_amount(field_name: str, value: Any) -> str:
+    """``value`` as a canonical decimal string >= 0; ValueError naming ``field_name``."""
+    try:
+        parsed = amount(value)
+    except ValueError as exc:
+        raise ValueError(f"{field_name}: {exc}") from None
+    return format(parsed, "f")  # plain digits: "1e3" is stored as "1000"
+
+
 class LicenceSection(_Section):
     type: Literal["usage", "weight", "exclusive"]
     price_per_1k_tokens: str | None = None
@@ -124,17 +148,12 @@ class LicenceSection(_Section):
     maintenance_fee: str | None = None
     exclusive_premium: str | None = None
 
-    @field_validator("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
+    @field_validator(*PRICE_TAGS)
     @classmethod
     def _decimal(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        try:
-            amount = Decimal(str(value))
-        except InvalidOperation:
-            raise ValueError(f"{value!r} is not a decimal amount; write it like '0.002'") from None
-        if not amount.is_finite() or amount < 0:
-            raise ValueError(f"{value!r} must be a finite amount >= 0")
+        amount(value)  # pydantic names the field
         return str(value)
 
 

@@ -36,7 +36,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from evaluation.benchmark import LOWER_IS_BETTER, BenchmarkResult
+from factory.commission import PRICE_TAGS, price_amount
 from factory.expert import load_expert
 from factory.hashing import json_sha256
 from factory.model_card import integration_markdown, model_card
@@ -65,7 +65,6 @@ PROVENANCE_TAGS = (
     "config_hash code_version pol_scores wise_ft_alpha cycles contributors licence visibility "
     "parent_adapter_sha256 benchmark_summary idempotency_key trained_at"
 ).split()
-PRICE_TAGS = ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -254,19 +253,6 @@ def _iso_from_millis(millis: int | None) -> str:
     if not millis:
         return ""
     return datetime.fromtimestamp(millis / 1000, UTC).replace(microsecond=0).isoformat()
-
-
-def price_amount(field_name: str, value: Any) -> str:
-    """``value`` as a canonical decimal string >= 0; ValueError naming ``field_name``."""
-    try:
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError(
-            f"{field_name}: {value!r} is not a decimal amount; write it like '0.002'"
-        ) from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{field_name}: {value!r} must be a finite amount >= 0")
-    return format(amount, "f")  # plain digits: "1e3" is stored as "1000"
 
 
 def _summary(scores: dict[str, dict[str, float]]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from factory.commission import CommissionSpec
+from factory.commission import PRICE_TAGS, CommissionSpec
 from factory.commission_store import CommissionStore
 from factory.expert import (
     ADAPTER_CONFIG,
@@ -457,7 +457,7 @@ def gate_and_register(job, spec, cycles, composed, bench, plots, settings) -> di
         # The licence section's prices (decimal strings); unset ones are left to the catalog.
         **{
             key: getattr(spec.licence, key)
-            for key in ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
+            for key in PRICE_TAGS
             if spec.licence is not None and getattr(spec.licence, key) is not None
         },
     }

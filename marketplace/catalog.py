@@ -14,12 +14,13 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
+from factory.commission import PRICE_TAGS, price_amount
+
 log = logging.getLogger(__name__)
-PRICE_TAGS = ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
 # What an expert registered without a price costs.
 DEFAULT_PRICES = {
     "price_per_1k_tokens": "0.1",
@@ -111,14 +112,7 @@ def _json_tag(tags: dict[str, str], key: str, default: Any) -> Any:
 
 
 def _amount(tags: dict[str, str], key: str) -> Decimal:
-    value = tags.get(key) or DEFAULT_PRICES[key]
-    try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"{key}: tag {value!r} is not a decimal amount") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{key}: tag {value!r} must be a finite amount >= 0")
-    return amount
+    return Decimal(price_amount(key, tags.get(key) or DEFAULT_PRICES[key]))
 
 
 def price_from_tags(tags: dict[str, str]) -> Price:
