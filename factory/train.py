@@ -12,10 +12,11 @@ the client optimizer (no compiled DeepSpeed optimizer is built). The data order 
 of (seed, shard, step), so a resumed run sees exactly the batches an uninterrupted one would.
 
 Protocol on stdout (rank 0): ``TAAS_METRIC {json}`` per step (step, loss = mean over ranks of the
-micro-batch mean token cross-entropy, lr, tokens_per_s, tokens_seen), ``TAAS_EVENT {json}`` for
-resume / checkpoint events and one ``TAAS_OUTCOME {json}`` line before exiting. Exit codes:
-0 ok, :data:`EXIT_BAD_CONFIG` (final), :data:`EXIT_NON_FINITE` (final); anything else (a signal,
-a lost rank) is an infrastructure failure the launcher treats as retryable.
+micro-batch mean token cross-entropy, lr, grad_norm before clipping, tokens_per_s, tokens_seen),
+``TAAS_EVENT {json}`` for resume / checkpoint events and one ``TAAS_OUTCOME {json}`` line before
+exiting. Exit codes: 0 ok, :data:`EXIT_BAD_CONFIG`, :data:`EXIT_NON_FINITE` and
+:data:`EXIT_WORKER_ERROR` (final); anything else (a signal, a lost rank) is an infrastructure
+failure the launcher treats as retryable.
 """
 
 from __future__ import annotations
@@ -35,11 +36,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.hashing import json_sha256
-from infra.launcher import watch_owner
+from infra.launcher import EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_WORKER_ERROR, watch_owner
 
-EXIT_BAD_CONFIG = 64
-EXIT_NON_FINITE = 65
-EXIT_WORKER_ERROR = 66
 EXIT_RETRYABLE = 1
 # Exceptions that the same inputs would raise again: retrying cannot help. RuntimeError and
 # OSError are left retryable on purpose: a lost peer surfaces in the survivors as a RuntimeError

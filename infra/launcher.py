@@ -43,15 +43,16 @@ from typing import Literal
 
 import psutil
 
-EXIT_BAD_CONFIG = 64  # same values as factory.train (infra must not import factory)
+# The worker's final exit codes (factory.train exits with these); any other failure is retryable.
+EXIT_BAD_CONFIG = 64
 EXIT_NON_FINITE = 65
 EXIT_WORKER_ERROR = 66
-FINAL_REASONS = ("bad_config", "non_finite_loss", "worker_error")
 _FINAL_CODES = {
     EXIT_BAD_CONFIG: "bad_config",
     EXIT_NON_FINITE: "non_finite_loss",
     EXIT_WORKER_ERROR: "worker_error",
 }
+FINAL_REASONS = tuple(_FINAL_CODES.values())
 _HOST_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s+slots=([1-9][0-9]*)$")
 
 
