@@ -14,9 +14,9 @@ of (seed, shard, step), so a resumed run sees exactly the batches an uninterrupt
 Protocol on stdout (rank 0): ``TAAS_METRIC {json}`` per step (step, loss = mean over ranks of the
 micro-batch mean token cross-entropy, lr, grad_norm before clipping, tokens_per_s, tokens_seen),
 ``TAAS_EVENT {json}`` for resume / checkpoint events and one ``TAAS_OUTCOME {json}`` line before
-exiting. Exit codes: 0 ok, :data:`EXIT_BAD_CONFIG`, :data:`EXIT_NON_FINITE` and
-:data:`EXIT_WORKER_ERROR` (final); anything else (a signal, a lost rank) is an infrastructure
-failure the launcher treats as retryable.
+exiting (a final outcome from every rank: torchrun may stop rank 0 first). Exit codes: 0 ok,
+:data:`EXIT_BAD_CONFIG`, :data:`EXIT_NON_FINITE` and :data:`EXIT_WORKER_ERROR` (final); anything
+else (a signal, a lost rank) is an infrastructure failure the launcher treats as retryable.
 """
 
 from __future__ import annotations
@@ -318,8 +318,9 @@ def run(config: TrainConfig, rank: int) -> int:
             if rank == 0:
                 _emit("TAAS_EVENT", {"event": "non_finite_loss", "step": step})
             if nonfinite_in_row >= config.max_nonfinite:
-                if rank == 0:
-                    _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "non_finite_loss"})
+                # Every rank reports a final outcome: torchrun stops the others as soon as one
+                # rank exits, so rank 0 may be killed before it could write its line.
+                _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "non_finite_loss"})
                 return EXIT_NON_FINITE
             continue
         nonfinite_in_row = 0
@@ -429,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("base_model_sha256 does not match the folder at base_model_path")
         check_inputs(config)
     except (ValidationError, ValueError, OSError) as exc:
-        if rank == 0:
-            _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "bad_config", "detail": str(exc)})
+        # Every rank reports (see the non-finite abort): the first to exit ends the job.
+        _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "bad_config", "detail": str(exc)})
         return EXIT_BAD_CONFIG
     try:
         return run(config, rank)
