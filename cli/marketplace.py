@@ -103,7 +103,7 @@ def _secret(home: Path) -> str:
 def build_market(args: argparse.Namespace):
     from factory.base_model import BaseModelRef, base_model_sha256, ensure_base_model
     from factory.ledger import Ledger
-    from factory.licensing import Licensing
+    from marketplace.licensing import Licensing
     from infra.settings import get_settings
     from marketplace.market import Market, MarketplaceConfig
 
@@ -152,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _statement(args: argparse.Namespace) -> int:
     from factory.ledger import Ledger
-    from factory.licensing import Licensing
+    from marketplace.licensing import Licensing
     from infra.settings import get_settings
 
     settings = get_settings()

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
-from factory.licensing import period_of
+from marketplace.licensing import period_of
 from marketplace.api import build_router
 from marketplace.auth import (
     RateLimiter,

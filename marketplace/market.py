@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.hashing import bytes_sha256
-from factory.licensing import KeyRecord, Licensing
+from marketplace.licensing import KeyRecord, Licensing
 from marketplace.catalog import Catalog, CatalogEntry
 from marketplace.demo import ExpertHandle, RoutedGenerator
 from marketplace.readiness import Readiness, readiness

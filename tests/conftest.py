@@ -283,3 +283,25 @@ def tiny_commission(tmp_path_factory, tiny_base):
         "train_logs": stamps,
         "killed": killed,
     }
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL 15 server from the machine's binaries on a loopback port, for the session
+    (see tests/pg.py); stopped and removed at teardown."""
+    import pg
+
+    reason = pg.missing()
+    if reason:
+        pytest.skip(reason)
+    server = pg.start_postgres(free_port())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """The SQLAlchemy URL of a fresh, empty database on the session's PostgreSQL server."""
+    import pg
+
+    return pg.new_database(postgres_server)

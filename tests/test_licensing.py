@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from factory.ledger import Ledger
-from factory.licensing import KEY_REFUSALS, UNALLOCATED, Licensing, split_cents
+from marketplace.licensing import KEY_REFUSALS, UNALLOCATED, Licensing, split_cents
 
 JAN = datetime(2026, 1, 15, tzinfo=UTC)
 FEB = datetime(2026, 2, 3, tzinfo=UTC)

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from factory.ledger import Ledger
-from factory.licensing import Licensing
+from marketplace.licensing import Licensing
 from marketplace.app import create_app
 from marketplace.auth import check_link, csrf_token, session_buyer, session_cookie, sign_link
 from marketplace.catalog import DEFAULT_PRICES, entry_from_tags

@@ -11,7 +11,7 @@ import pytest
 
 from cli.main import main
 from factory.ledger import Ledger
-from factory.licensing import Licensing
+from marketplace.licensing import Licensing
 from infra.settings import get_settings
 from marketplace.auth import check_link
 

@@ -13,7 +13,7 @@ from cli.main import main
 from factory.expert import load_expert, save_expert
 from factory.ledger import Ledger
 from factory.library import GateInputs
-from factory.licensing import Licensing, period_of
+from marketplace.licensing import Licensing, period_of
 from infra.settings import get_settings
 from marketplace.app import create_app
 from marketplace.catalog import library_catalog

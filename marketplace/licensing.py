@@ -1,6 +1,7 @@
 """Licences, API keys, usage metering, invoices, downloads and revenue statements.
 
-The tables live in the ledger database (declared on :class:`factory.ledger.Base`). Three licence
+The tables live in the ledger database (declared on :class:`factory.ledger.Base`, the
+factory's contributor ledger; this buyer side belongs to the marketplace). Three licence
 kinds exist:
 
 - ``usage``: the buyer calls the completions API with an API key; every generated token is
