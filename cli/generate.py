@@ -11,16 +11,26 @@ must match theirs. Prints the generated text, then one line per token: the token
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+_LIBRARY_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9_.-]+)?$")
 
 
 def _library_resolver() -> Callable[[str], Path] | None:
     try:
-        from factory.library import resolve_expert_folder
+        from factory.library import ExpertLibrary
     except ImportError:  # the library is optional here: plain folders still work
         return None
-    return resolve_expert_folder
+    from infra.settings import get_settings
+
+    def resolve(name: str) -> Path:
+        if not _LIBRARY_REF.match(name):  # a path, not NAME[@REF]: never opens the registry
+            raise ValueError(f"{name!r} is not NAME, NAME@ALIAS or NAME@VERSION")
+        return ExpertLibrary(get_settings()).resolve_expert_folder(name)
+
+    return resolve
 
 
 def resolve_folders(values: list[str], resolver: Callable[[str], Path] | None = None) -> list[Path]:
@@ -63,21 +73,28 @@ def _base_folder(explicit: Path | None, manifests) -> Path:
     return Path(folder)
 
 
+def load_generate_mixture(folders: list[Path], base: Path | None, top_k: int):
+    """(mixture, tokenizer) for ``taas generate``: the base the experts' manifests name, and the
+    mixture :func:`factory.mixture.load_mixture` builds from the folders (null route included)."""
+    from factory.base_model import load_base
+    from factory.expert import read_manifest
+    from factory.mixture import load_mixture
+
+    model, tokenizer = load_base(_base_folder(base, [read_manifest(f) for f in folders]))
+    return load_mixture(model.eval(), folders, top_k=top_k), tokenizer
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from factory.base_model import load_base
-    from factory.expert import load_expert
-    from factory.mixture import MixtureModel, generate_with_routes
+    from factory.mixture import generate_with_routes
 
     names = [v.strip() for v in args.experts.split(",") if v.strip()]
     if not names:
         raise ValueError("--experts: give at least one expert name or folder")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
-    experts = [load_expert(f) for f in resolve_folders(names)]
-    base, tokenizer = load_base(_base_folder(args.base, [e.manifest for e in experts]))
-    mixture = MixtureModel.from_experts(base.eval(), experts, top_k=args.top_k)
+    mixture, tokenizer = load_generate_mixture(resolve_folders(names), args.base, args.top_k)
     torch.manual_seed(args.seed)
     text, routed = generate_with_routes(
         mixture, tokenizer, args.prompt, args.max_new_tokens, greedy=not args.sample, seed=args.seed

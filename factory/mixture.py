@@ -26,7 +26,8 @@ Each projection P in gate/up/down becomes
     out = W_P x_P + sum_{e in chosen, e != null} weight_e * scaling_e * B_e A_e x_P
 
 where x_P is the projection's own input (the down projection reads the activated product) and
-scaling_e = lora_alpha / r (alpha / sqrt(r) for rsLoRA). Experts' LoRA factors are stacked once per
+scaling_e = lora_alpha / r (alpha / sqrt(r) for rsLoRA; per module under PEFT's rank_pattern and
+alpha_pattern, see :func:`factory.lora.lora_scaling`). Experts' LoRA factors are stacked once per
 add/remove into [L, E, R, D] / [L, E, O, R] tensors (ranks zero-padded, scaling folded into B);
 a forward gathers only the K chosen experts' factors per token, so the cost per token does not
 grow with E. The base model's own modules are left untouched: the routed MLPs are swapped in for
@@ -36,7 +37,6 @@ the duration of each forward only, so several mixtures may share one base model.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from factory.expert import LORA_TARGETS, Expert, load_expert, parse_adapter_key
+from factory.lora import lora_scaling, module_rank
 
 BASE_ROUTE = "base"
 
@@ -61,12 +62,6 @@ class LayerRouting:
     # logits / temperature behind probs_BTR; keeps its autograd graph when grad is enabled, so a
     # routing loss can be taken from the trace. None under a forced route.
     logits_BTR: torch.Tensor | None = None
-
-
-def lora_scaling(adapter_config: dict) -> float:
-    """The factor PEFT applies to B A x: lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA."""
-    rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
-    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
 
 
 def routed_lora_delta(
@@ -133,12 +128,6 @@ class MixtureModel(nn.Module):
         for expert in experts:
             mixture.add_expert(expert)
         return mixture
-
-    @classmethod
-    def from_expert_folders(
-        cls, base_model: nn.Module, folders: Sequence[Path], top_k: int = 2
-    ) -> MixtureModel:
-        return cls.from_experts(base_model, [load_expert(Path(f)) for f in folders], top_k)
 
     @property
     def expert_ids(self) -> list[str]:
@@ -237,7 +226,10 @@ class MixtureModel(nn.Module):
     def _restack(self) -> None:
         """Stacks every expert's LoRA factors per projection: A [L,E,R,D], B*scaling [L,E,O,R]."""
         param = next(self.base_model.parameters())
-        rank = max([int(e.adapter_config["r"]) for e in self.experts], default=1)
+        rank = max(
+            [module_rank(e.adapter_config, key) for e in self.experts for key in e.adapter],
+            default=1,
+        )
         mlp = self._layers()[0].mlp
         for projection in LORA_TARGETS:
             linear = getattr(mlp, projection)
@@ -245,7 +237,6 @@ class MixtureModel(nn.Module):
             a = param.new_zeros(self.num_layers, len(self.experts), rank, in_dim)
             b = param.new_zeros(self.num_layers, len(self.experts), out_dim, rank)
             for e, expert in enumerate(self.experts):
-                scaling = lora_scaling(expert.adapter_config)
                 for key, tensor in expert.adapter.items():
                     layer, proj, part = parse_adapter_key(key)
                     if proj != projection:
@@ -253,6 +244,7 @@ class MixtureModel(nn.Module):
                     if part == "A":
                         a[layer, e, : tensor.shape[0]] = tensor.to(param)
                     else:
+                        scaling = lora_scaling(expert.adapter_config, module=key)
                         b[layer, e, :, : tensor.shape[1]] = tensor.to(param) * scaling
             self.register_buffer(f"lora_A_{projection}", a, persistent=False)
             self.register_buffer(f"lora_B_{projection}", b, persistent=False)
@@ -421,3 +413,22 @@ def clone_expert_with_rows(expert: Expert, rows: torch.Tensor) -> Expert:
     twin = copy.copy(expert)
     twin.router = rows.detach().clone()
     return twin
+
+
+def load_mixture(base_model: nn.Module, folders: Sequence[Path], top_k: int = 2) -> MixtureModel:
+    """The routed mixture over the committed expert folders, in the given order, with everything
+    routing needs: each expert's adapter and router rows, and the mixture's own router state
+    (null route and router center) from the last folder that carries one.
+
+    The last such folder is the most recently composed expert when folders are given oldest
+    first (the library's order): router annealing trained that null route with the earlier
+    experts in place, and every expert's rows are relative to its router center. Without any,
+    the null route and center stay zero. Every mixture built from expert folders (composition,
+    benchmarks, ``taas generate``, the marketplace) is built here, so they all route alike.
+    """
+    experts = [load_expert(Path(folder)) for folder in folders]
+    mixture = MixtureModel.from_experts(base_model, experts, top_k=top_k)
+    saved = [expert.null_route for expert in experts if expert.null_route is not None]
+    if saved:
+        mixture.load_null_route(saved[-1])
+    return mixture

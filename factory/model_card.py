@@ -113,12 +113,12 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))
 ```python
 import torch
 from factory.base_model import load_base
-from factory.mixture import MixtureModel
+from factory.mixture import load_mixture
 
 base, tokenizer = load_base("{base_model_hint}")
 # Loads with factory.expert.load_expert, which checks the adapter sha256 against expert.json;
-# the expert's router rows route tokens to it, top-2 over the library's experts.
-model = MixtureModel.from_expert_folders(base, ["path/to/this/bundle"], top_k=2)
+# the expert's router rows (and the bundle's null route) route tokens, top-2 over the experts.
+model = load_mixture(base, ["path/to/this/bundle"], top_k=2)
 ids = tokenizer("An example prompt", return_tensors="pt").input_ids
 with torch.no_grad():
     logits = model(ids).logits

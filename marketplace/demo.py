@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from factory.base_model import load_base
-from factory.expert import load_expert
-from factory.mixture import BASE_ROUTE, MixtureModel, majority_route
+from factory.mixture import BASE_ROUTE, MixtureModel, load_mixture, majority_route
 
 MAX_MIXTURES = 16  # expert sets kept composed; each shares the base model
 
@@ -71,11 +70,11 @@ class RoutedGenerator:
         """The mixture over these experts (built once); route name -> handle."""
         key = tuple(sorted(handle.folder for handle in handles))
         if key not in self._mixtures:
-            experts = [load_expert(handle.folder) for handle in handles]
-            mixture = MixtureModel.from_experts(self.model, experts, top_k=self.top_k).eval()
+            folders = [handle.folder for handle in handles]
+            mixture = load_mixture(self.model, folders, top_k=self.top_k).eval()
             by_route = {
                 expert.manifest.expert_id: handle
-                for expert, handle in zip(experts, handles, strict=True)
+                for expert, handle in zip(mixture.experts, handles, strict=True)
             }
             if len(self._mixtures) >= MAX_MIXTURES:  # bound memory: drop the oldest
                 self._mixtures.pop(next(iter(self._mixtures)))

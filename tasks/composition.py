@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from factory.base_model import load_base
 from factory.expert import load_expert
-from factory.mixture import MixtureModel
+from factory.mixture import load_mixture
 from infra.atomic import atomic_write_json, committed_dir
 from merging.router_annealing import (
     AnnealConfig,
@@ -45,7 +45,7 @@ def compose_expert(
     folder is written whether or not the addition is accepted (the report says which).
     """
     base, _ = load_base(Path(base_path))
-    before = MixtureModel.from_expert_folders(base.eval(), library_folders, top_k=cfg.top_k)
+    before = load_mixture(base.eval(), library_folders, top_k=cfg.top_k)
     new_expert = load_expert(Path(new_expert_folder))
     result = anneal_router(before, new_expert, domain_blocks, replay_blocks, cfg)
     new_id = new_expert.manifest.expert_id

@@ -8,7 +8,7 @@ from test_mixture_experts import domain_blocks, experts_for
 
 from factory.base_model import load_base
 from factory.expert import save_expert
-from factory.mixture import MixtureModel, generate_with_routes, majority_route
+from factory.mixture import MixtureModel, generate_with_routes, load_mixture, majority_route
 
 
 def _random_rows(expert, seed: int):
@@ -108,7 +108,7 @@ def test_add_remove_round_trip_and_loading_from_folders(tiny_base, tmp_path):
         expert.router = mixture.router_rows[:, index].detach().clone()
         folders.append(save_expert(tmp_path / expert.manifest.expert_id, expert))
     base, _ = load_base(tiny_base.path)
-    reloaded = MixtureModel.from_expert_folders(base, folders)
+    reloaded = load_mixture(base, folders)
     with torch.no_grad():
         assert torch.equal(reloaded(blocks).logits, mixture(blocks).logits)
 
