@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from factory.hashing import json_sha256
 
@@ -181,6 +189,13 @@ class CommissionSpec(_Section):
     visibility: Literal["public", "private", "exclusive"] = "public"
     seed: int = Field(default=0, ge=0)
     quality: QualitySection = Field(default_factory=QualitySection)
+    # The folder of the spec file it was loaded from: the only data root when TAAS_DATA_ROOTS is
+    # unset (see factory.data.uri). Private, so it is not part of the spec or its hash.
+    _spec_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def spec_dir(self) -> Path | None:
+        return self._spec_dir
 
     @field_validator("domain")
     @classmethod
@@ -267,7 +282,9 @@ def load_spec(path: Path | str) -> CommissionSpec:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "malformed"
         raise ValueError(f"spec: malformed YAML{where} ({problem}); fix the syntax") from None
-    return parse_spec(data, base_dir=path.parent)
+    spec = parse_spec(data, base_dir=path.parent)
+    spec._spec_dir = path.parent.absolute()
+    return spec
 
 
 def spec_sha256(spec: CommissionSpec) -> str:

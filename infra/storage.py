@@ -49,6 +49,11 @@ class ChecksumMismatch(StorageError):
     pass
 
 
+class ObjectTooLarge(ValueError):
+    """An object is larger than the caller allowed (``get_file(max_bytes=...)``): the data's
+    problem, not the store's, so it is a ValueError and not a :class:`StorageError`."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -62,7 +67,7 @@ class ObjectStore(Protocol):
 
     def put_file(self, key: str, path: Path) -> ObjectInfo: ...
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo: ...
-    def get_file(self, key: str, dest: Path) -> Path: ...
+    def get_file(self, key: str, dest: Path, max_bytes: int | None = None) -> Path: ...
     def get_bytes(self, key: str) -> bytes: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def exists(self, key: str) -> bool: ...
@@ -75,6 +80,15 @@ def _check_key(key: str) -> str:
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"object key {key!r}: no empty, '.' or '..' segments")
     return key
+
+
+def _copy_capped(key: str, src, dst, max_bytes: int | None) -> None:
+    copied = 0
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        copied += len(chunk)
+        if max_bytes is not None and copied > max_bytes:
+            raise ObjectTooLarge(f"{key}: larger than the {max_bytes} bytes allowed")
+        dst.write(chunk)
 
 
 def _verify(key: str, path: Path, size: int | None, sha256: str | None) -> str:
@@ -130,7 +144,8 @@ class LocalStore:
         atomic_write_json(self._meta(key), {"sha256": sha, "size": target.stat().st_size})
         return self._info(key)
 
-    def get_file(self, key: str, dest: Path) -> Path:
+    def get_file(self, key: str, dest: Path, max_bytes: int | None = None) -> Path:
+        """Copies the object to ``dest`` (temp -> verify -> fsync -> rename)."""
         source = self._path(key)
         if not source.is_file():
             raise ObjectNotFound(f"no object {key!r} in {self.url}")
@@ -138,11 +153,14 @@ class LocalStore:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.close(fd)
         try:
-            shutil.copyfile(source, tmp)
+            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                _copy_capped(key, src, dst, max_bytes)
+                dst.flush()
+                os.fsync(dst.fileno())
             _verify(key, Path(tmp), recorded.get("size"), recorded.get("sha256"))
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -168,14 +186,30 @@ class LocalStore:
         )
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every file under the root whose key starts with ``prefix``, symlinks excluded.
+
+        A file whose name is not a valid key (a backslash, say: anyone who can write into an
+        inbox folder can create one) is still listed, with its size and time and no sha256, so a
+        caller can refuse it by name; it can never be fetched.
+        """
         if not self.root.is_dir():
             return []
         infos = []
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root).as_posix()
             hidden = rel.startswith(META_DIR + "/") or path.name.startswith(".")
-            if path.is_file() and not hidden and rel.startswith(prefix):
+            if hidden or not rel.startswith(prefix) or path.is_symlink() or not path.is_file():
+                continue
+            try:
                 infos.append(self._info(rel))
+            except ValueError:
+                stat = path.lstat()
+                when = datetime.fromtimestamp(stat.st_mtime, UTC)
+                infos.append(
+                    ObjectInfo(key=rel, size=stat.st_size, sha256=None, last_modified=when)
+                )
+            except FileNotFoundError:
+                continue  # removed while listing
         return infos
 
     def exists(self, key: str) -> bool:
@@ -275,21 +309,30 @@ class S3Store:
         )
         return self._info(key)
 
-    def get_file(self, key: str, dest: Path) -> Path:
+    def get_file(self, key: str, dest: Path, max_bytes: int | None = None) -> Path:
+        """Downloads to ``dest``; the size checked is the object's now (HEAD), not at listing,
+        and over ``max_bytes`` the download stops (:class:`ObjectTooLarge`)."""
         head = self._head(key)
+        if max_bytes is not None and int(head["ContentLength"]) > max_bytes:
+            raise ObjectTooLarge(f"{key}: {head['ContentLength']} bytes > {max_bytes} allowed")
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
-                body = self._call(
+                response = self._call(
                     "get", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key)
-                )["Body"]
-                for chunk in iter(lambda: body.read(1 << 20), b""):
-                    fh.write(chunk)
+                )
+                # The object may have been replaced between HEAD and GET: the GET's own length
+                # and sha256 are the ones the bytes must match.
+                size = int(response["ContentLength"])
+                sha = response.get("Metadata", head.get("Metadata", {})).get("sha256")
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(f"{key}: {size} bytes > {max_bytes} allowed")
+                _copy_capped(key, response["Body"], fh, max_bytes)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _verify(key, Path(tmp), head["ContentLength"], head.get("Metadata", {}).get("sha256"))
+            _verify(key, Path(tmp), size, sha)
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -203,7 +203,9 @@ def test_s3_source_through_the_object_cache(s3_endpoint, env, tiny_base, tmp_pat
     with pytest.raises(ValueError, match="bucket_not_allowed"):
         prepare_data(spec_for([{"uri": "s3://other-bucket/x"}]), tiny_base.path,
                      tmp_path / "bad", settings)  # fmt: skip
-    open_settings = get_settings(home=tmp_path / "home", s3_endpoint_url=s3_endpoint)
+    open_settings = get_settings(
+        home=tmp_path / "home", s3_endpoint_url=s3_endpoint, s3_bucket_allowlist=["missing-bucket"]
+    )
     with pytest.raises(BucketNotFound):
         prepare_data(spec_for([{"uri": "s3://missing-bucket/x"}]), tiny_base.path,
                      tmp_path / "bad", open_settings)  # fmt: skip

@@ -24,6 +24,10 @@ def roots(tmp_path):
     os.symlink(root / "legal" / "a.jsonl", root / "inside_link.jsonl")
     other = tmp_path / "root2"
     other.mkdir()
+    (root / "home").mkdir()
+    (root / "home" / "taas.db").write_text("db")
+    os.mkfifo(root / "pipe.jsonl")
+    os.symlink("/proc", root / "proc")
     return root, tmp_path
 
 
@@ -87,6 +91,9 @@ HOSTILE = [
     ("s3://bad_bucket/x", "s3_malformed"),
     ("s3://other-bucket/x", "bucket_not_allowed"),
     ("s3://commission-data-2/x", "bucket_not_allowed"),
+    ("R/proc", "system_path"),
+    ("R/home/taas.db", "factory_home"),
+    ("R/pipe.jsonl", "special_file"),
 ]
 
 LEGITIMATE = [
@@ -130,7 +137,9 @@ def test_table_sizes_and_every_reason_is_exercised():
 def test_hostile_uri_is_rejected_with_its_reason(roots, uri, reason):
     root, base = roots
     with pytest.raises(UriRejected) as info:
-        parse_data_uri(_expand(uri, root, base), [root, base / "root2"], ALLOW, field="data.0.uri")
+        parse_data_uri(
+            _expand(uri, root, base), [root, base / "root2"], ALLOW, "data.0.uri", root / "home"
+        )
     assert info.value.reason == reason
     assert str(info.value).startswith(f"data.0.uri: data URI rejected ({reason})")
     assert "\n" not in str(info.value)  # one line, even for a URI holding a newline
@@ -149,5 +158,8 @@ def test_legitimate_uri_is_accepted(roots, uri):
         assert parsed.path is not None and parsed.root in (parsed.path, *parsed.path.parents)
 
 
-def test_allowlist_unset_accepts_any_wellformed_bucket(tmp_path):
-    assert parse_data_uri("s3://any-bucket/x", [tmp_path]).bucket == "any-bucket"
+def test_an_empty_allowlist_allows_no_bucket(tmp_path):
+    # Before: any well-formed bucket was read with the factory's credentials.
+    with pytest.raises(UriRejected) as info:
+        parse_data_uri("s3://any-bucket/x", [tmp_path])
+    assert info.value.reason == "bucket_not_allowed"

@@ -1,9 +1,12 @@
 """Data sources: resolve a spec's data URIs to verified local files, then stream their rows.
 
-:func:`fetch_sources` validates every URI (:mod:`factory.data.uri`), lists the files of a folder or
-S3 prefix, enforces ``quality.max_bytes`` on the listed sizes before anything is read, downloads S3
-objects through :mod:`infra.storage` into the content-addressed cache
-``<home>/cache/objects/<sha256>`` and records the sha256 of the exact bytes used.
+:func:`fetch_sources` validates every URI (:mod:`factory.data.uri`: data roots, never the factory's
+home or system paths, no special files), lists the files of a folder or S3 prefix, enforces
+``quality.max_bytes`` on the listed sizes before anything is read and again on the bytes actually
+read, and snapshots every file into the content-addressed cache ``<home>/cache/objects/<sha256>``
+(S3 objects through :mod:`infra.storage`; local files opened with ``O_NOFOLLOW``, checked to be
+the regular file that was validated, and copied while hashing), so every later step reads exactly
+the bytes whose sha256 is recorded, even if the customer's file changes or is swapped for a link.
 :func:`iter_rows` streams rows with ``datasets`` (``streaming=True``, so a large file never sits in
 memory), turns each into text (``text_field`` or ``template``) and enforces ``quality.max_rows``.
 Lines that are not UTF-8 are dropped before parsing and counted in the quality report.
@@ -11,7 +14,9 @@ Lines that are not UTF-8 are dropped before parsing and counted in the quality r
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +24,12 @@ from pathlib import Path
 
 from factory.commission import CommissionSpec, DataSource, template_fields
 from factory.data.quality import QualityReport
-from factory.data.uri import check_local_file, default_roots, parse_data_uri
+from factory.data.uri import (
+    UriRejected,
+    check_local_file,
+    default_roots,
+    parse_data_uri,
+)
 from factory.hashing import json_sha256
 from infra.atomic import atomic_write_bytes, sha256_file
 from infra.settings import Settings
@@ -74,14 +84,22 @@ def _single_format(found: list[tuple[str, str]], field: str) -> None:
         raise ValueError(f"{field}: files of several formats {formats}; set format")
 
 
-def _local_files(index: int, source: DataSource, settings: Settings) -> list[tuple[str, Path, str]]:
-    field = f"data.{index}.uri"
-    parsed = parse_data_uri(
+def _parse(index: int, source: DataSource, spec: CommissionSpec, settings: Settings):
+    return parse_data_uri(
         source.uri,
-        default_roots(settings.data_roots, settings.home),
+        default_roots(settings.data_roots, spec.spec_dir),
         settings.s3_bucket_allowlist,
-        field=field,
+        field=f"data.{index}.uri",
+        home=settings.home,
     )
+
+
+def _local_files(
+    index: int, source: DataSource, spec: CommissionSpec, settings: Settings
+) -> list[tuple[str, Path, Path, str]]:
+    """(uri, resolved path, root, format) of each file of a local source."""
+    field = f"data.{index}.uri"
+    parsed = _parse(index, source, spec, settings)
     assert parsed.path is not None and parsed.root is not None
     if parsed.path.is_file():
         fmt = source.format or SUFFIXES.get(parsed.path.suffix.lower())
@@ -89,31 +107,31 @@ def _local_files(index: int, source: DataSource, settings: Settings) -> list[tup
             raise ValueError(
                 f"data.{index}.format: cannot infer it from {parsed.path.name}; set it"
             )
-        return [(source.uri, parsed.path, fmt)]
+        return [(source.uri, parsed.path, parsed.root, fmt)]
     if not parsed.path.is_dir():
         raise ValueError(f"{field}: no such file or folder {source.uri}; check the path")
     found = []
     for path in sorted(parsed.path.rglob("*")):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or path.is_dir():
             continue
+        if not path.is_file() and not path.is_symlink():
+            # A FIFO, device or socket inside the folder: refused, never opened (a dangling
+            # link is not one; check_local_file reports where it points).
+            raise UriRejected("special_file", f"{source.uri} -> {path}", field)
         fmt = _format_of(path.name, source, field)
         if fmt is not None:
             found.append((str(path), fmt))
     _single_format(found, field)
     return [
-        (uri, check_local_file(Path(uri), parsed.root, source.uri, field), fmt)
+        (uri, check_local_file(Path(uri), parsed.root, source.uri, field, settings.home),
+         parsed.root, fmt)
         for uri, fmt in found
-    ]
+    ]  # fmt: skip
 
 
-def _s3_files(index: int, source: DataSource, settings: Settings):
+def _s3_files(index: int, source: DataSource, spec: CommissionSpec, settings: Settings):
     field = f"data.{index}.uri"
-    parsed = parse_data_uri(
-        source.uri,
-        default_roots(settings.data_roots, settings.home),
-        settings.s3_bucket_allowlist,
-        field=field,
-    )
+    parsed = _parse(index, source, spec, settings)
     store = open_store(parsed.store_url, endpoint_url=settings.s3_endpoint_url)
     listed = [i for i in store.list(parsed.prefix) if not Path(i.key).name.startswith(".")]
     exact = [i for i in listed if i.key == parsed.prefix]
@@ -129,7 +147,16 @@ def _s3_files(index: int, source: DataSource, settings: Settings):
     return store, parsed.bucket, found
 
 
-def _cached_download(store, key: str, cache: Path, expected_sha: str | None) -> tuple[Path, str]:
+def _over_budget(total: int, max_bytes: int) -> ValueError:
+    return ValueError(
+        f"quality.max_bytes: the data holds more than {max_bytes} bytes (at least {total}); "
+        "use less data or raise quality.max_bytes"
+    )
+
+
+def _cached_download(
+    store, key: str, cache: Path, expected_sha: str | None, budget: int
+) -> tuple[Path, str]:
     if expected_sha is not None:
         cached = cache / expected_sha
         if cached.is_file() and sha256_file(cached) == expected_sha:
@@ -138,7 +165,9 @@ def _cached_download(store, key: str, cache: Path, expected_sha: str | None) -> 
     fd, incoming = tempfile.mkstemp(dir=cache, prefix=".incoming-")
     os.close(fd)
     try:
-        store.get_file(key, Path(incoming))  # verifies size and the recorded sha256
+        # Verifies size and the recorded sha256; the size is the object's at download time and
+        # over ``budget`` nothing is downloaded (an object may grow after it was listed).
+        store.get_file(key, Path(incoming), max_bytes=budget)
         sha = sha256_file(Path(incoming))
         os.replace(incoming, cache / sha)
     except BaseException:
@@ -147,19 +176,67 @@ def _cached_download(store, key: str, cache: Path, expected_sha: str | None) -> 
     return cache / sha, sha
 
 
+def _snapshot_local(
+    path: Path, root: Path, uri: str, field: str, home: Path, cache: Path, budget: int
+) -> tuple[Path, str, int]:
+    """Copies a validated local file into the cache while hashing it; (copy, sha256, size).
+
+    The file is opened without following a link (``O_NOFOLLOW``; ``O_NONBLOCK`` so a FIFO swapped
+    in cannot block the open) and the opened file itself is checked again: a regular file, still
+    inside its root and outside the home (``/proc/self/fd`` names what was really opened). Reading
+    stops past ``budget`` bytes, whatever size the file reported.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot open {uri} ({exc.strerror}); check the file") from None
+    cache.mkdir(parents=True, exist_ok=True)
+    out_fd, incoming = tempfile.mkstemp(dir=cache, prefix=".incoming-")
+    try:
+        with os.fdopen(fd, "rb") as src, os.fdopen(out_fd, "wb") as dst:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                raise UriRejected("special_file", f"{uri} -> {path}", field)
+            opened = _opened_path(src.fileno())
+            if opened is not None:
+                check_local_file(opened, root, uri, field, home)
+            digest, size = hashlib.sha256(), 0
+            while block := src.read(1 << 20):
+                size += len(block)
+                if size > budget:
+                    raise _over_budget(size, budget)
+                digest.update(block)
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        sha = digest.hexdigest()
+        os.replace(incoming, cache / sha)
+    except BaseException:
+        Path(incoming).unlink(missing_ok=True)
+        raise
+    return cache / sha, sha, size
+
+
+def _opened_path(fd: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None  # no /proc (macOS): O_NOFOLLOW and the fstat check remain
+
+
 def fetch_sources(spec: CommissionSpec, settings: Settings) -> list[SourceFile]:
-    """Every file of every source, local and verified, in source order then name order."""
+    """Every file of every source, snapshotted and verified, in source order then name order."""
     planned: list[tuple[int, str, object, str, int]] = []
     remote: dict[int, tuple] = {}
     for index, source in enumerate(spec.data):
         if source.uri.startswith("s3://"):
-            store, bucket, found = _s3_files(index, source, settings)
+            store, bucket, found = _s3_files(index, source, spec, settings)
             remote[index] = (store, bucket)
             items = [(index, f"s3://{bucket}/{i.key}", i, fmt, i.size) for i, fmt in found]
         else:
             items = [
-                (index, uri, path, fmt, path.stat().st_size)
-                for uri, path, fmt in _local_files(index, source, settings)
+                (index, uri, (path, root), fmt, path.stat().st_size)
+                for uri, path, root, fmt in _local_files(index, source, spec, settings)
             ]
         if not items:
             raise ValueError(
@@ -174,13 +251,21 @@ def fetch_sources(spec: CommissionSpec, settings: Settings) -> list[SourceFile]:
             "use less data or raise quality.max_bytes"
         )
     cache = settings.home / "cache" / "objects"
-    files = []
-    for index, uri, where, fmt, size in planned:
-        if isinstance(where, Path):
-            path, sha = where, sha256_file(where)
+    files, read = [], 0
+    for index, uri, where, fmt, _listed in planned:
+        budget = spec.quality.max_bytes - read
+        if isinstance(where, tuple):
+            local, root = where
+            path, sha, size = _snapshot_local(
+                local, root, uri, f"data.{index}.uri", settings.home, cache, budget
+            )
         else:
             store, _ = remote[index]
-            path, sha = _cached_download(store, where.key, cache, where.sha256)
+            path, sha = _cached_download(store, where.key, cache, where.sha256, budget)
+            size = path.stat().st_size
+        read += size
+        if read > spec.quality.max_bytes:
+            raise _over_budget(read, spec.quality.max_bytes)
         files.append(SourceFile(index, uri, path, sha, size, fmt))
     return files
 
@@ -191,12 +276,13 @@ def _utf8_clean(file: SourceFile, cache: Path, report: QualityReport) -> Path:
         return file.path
     kept, bad = [], 0
     with open(file.path, "rb") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, start=1):
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError:
                 bad += 1
-                report.note("non_utf8", repr(line[:80]))
+                # Where, not what: a line that could not be read is not echoed into a report.
+                report.note("non_utf8", f"{Path(file.uri).name} line {number} ({len(line)} bytes)")
                 continue
             kept.append(line)
     if bad == 0:
@@ -258,8 +344,18 @@ def iter_rows(
         except DataError:
             raise
         except Exception as exc:  # a parser error names the file, not our traceback
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # Only the error's kind: parser messages quote the offending bytes (a CSV row, a JSON
+            # fragment), and a file that cannot be read is never echoed into a report.
             raise DataError(
                 f"data.{file.source_index}: cannot read {file.uri} as {file.format} "
-                f"({message}); fix the file or set format"
+                f"({_error_kind(exc)}); fix the file or set format"
             ) from None
+
+
+def _error_kind(exc: Exception) -> str:
+    message = str(exc)
+    head = message.split(":", 1)[0].strip() if ":" in message else ""
+    # "JSON parse error", "CSV parse error" and the like carry no content before their colon.
+    if head and len(head) <= 40 and all(c.isalpha() or c in " _-" for c in head):
+        return head
+    return type(exc).__name__
