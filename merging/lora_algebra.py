@@ -2,9 +2,12 @@
 
 A PEFT LoRA module holds ``lora_A`` of shape [r, in] and ``lora_B`` of shape [out, r]; its
 effective weight delta is ``delta_W = s * B @ A`` with scaling ``s = lora_alpha / r``
-(``lora_alpha / sqrt(r)`` when ``use_rslora`` is set). Because ``s`` depends on ``r``, any
+(``lora_alpha / sqrt(r)`` when ``use_rslora`` is set; :func:`factory.lora.lora_scaling`, per
+module under ``rank_pattern`` / ``alpha_pattern``). Because ``s`` depends on ``r``, any
 operation that changes the rank rescales ``B`` so that ``delta_W`` is preserved and returns the
-adapter_config for the new rank.
+adapter_config for the new rank. :func:`effective_deltas` and :func:`rescale_to_config` honour
+the patterns; the rank-changing operations (stacking, recompression) write one rank for every
+module, so they refuse a config with patterns rather than silently drop them.
 
 - :func:`stack_adapters` represents ``c0 * delta_W0 + c1 * delta_W1`` EXACTLY as one adapter of
   rank ``r0 + r1``: ``B = [c0 (s0/s) B0 | c1 (s1/s) B1]``, ``A = [A0 ; A1]``.
@@ -27,23 +30,18 @@ from typing import Any
 import torch
 
 from factory.expert import parse_adapter_key
+from factory.lora import has_patterns, lora_scaling, module_rank
 
 Adapter = dict[str, torch.Tensor]
 
 
-def lora_scaling(config: dict[str, Any], rank: int | None = None) -> float:
-    """The factor s in delta_W = s * B @ A for this config (at ``rank`` when given)."""
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(
-            "adapter_config: rank_pattern/alpha_pattern are not supported; remove them"
-        )
-    r = int(config["r"] if rank is None else rank)
-    alpha = float(config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
 def config_for_rank(config: dict[str, Any], rank: int, scaling: float | None = None) -> dict:
     """A copy of ``config`` at ``rank``; with ``scaling``, lora_alpha is set so s equals it."""
+    if has_patterns(config):
+        raise ValueError(
+            "adapter_config: rank_pattern/alpha_pattern are not supported when the rank changes "
+            "(stacking, recompression); remove them"
+        )
     out = dict(config)
     out["r"] = int(rank)
     if scaling is not None:
@@ -52,15 +50,19 @@ def config_for_rank(config: dict[str, Any], rank: int, scaling: float | None = N
 
 
 def rescale_to_config(adapter: Adapter, config: dict[str, Any], target: dict[str, Any]) -> Adapter:
-    """The same effective delta under ``target``'s scaling (same rank): each B is multiplied by
-    s(config) / s(target), so s_target * B' @ A == s_config * B @ A."""
+    """The same effective delta under ``target``'s scaling (same ranks): each module's B is
+    multiplied by s(config, module) / s(target, module), so s_target B' A == s_config B A."""
     if int(config["r"]) != int(target["r"]):
         raise ValueError(f"rescale_to_config: ranks differ ({config['r']} vs {target['r']})")
-    factor = lora_scaling(config) / lora_scaling(target)
-    return {
-        key: tensor * factor if ".lora_B." in key else tensor.clone()
-        for key, tensor in adapter.items()
-    }
+    out = {}
+    for key, tensor in adapter.items():
+        if ".lora_B." not in key:
+            out[key] = tensor.clone()
+            continue
+        if module_rank(config, key) != module_rank(target, key):
+            raise ValueError(f"rescale_to_config: ranks differ for {key} (rank_pattern)")
+        out[key] = tensor * (lora_scaling(config, module=key) / lora_scaling(target, module=key))
+    return out
 
 
 def module_pairs(adapter: Adapter) -> dict[str, tuple[str, str]]:
@@ -86,10 +88,12 @@ def adapter_rank(adapter: Adapter) -> int:
 
 
 def effective_deltas(adapter: Adapter, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """delta_W = s * B @ A per module prefix, in float64."""
-    s = lora_scaling(config, adapter_rank(adapter))
+    """delta_W = s * B @ A per module prefix, in float64 (s at the module's rank and alpha)."""
+    if not has_patterns(config):
+        adapter_rank(adapter)  # without patterns every module must have the config's one rank
     return {
-        prefix: s * (adapter[b].double() @ adapter[a].double())
+        prefix: lora_scaling(config, adapter[a].shape[0], module=prefix)
+        * (adapter[b].double() @ adapter[a].double())
         for prefix, (a, b) in module_pairs(adapter).items()
     }
 
