@@ -1,6 +1,6 @@
 """``taas marketplace``: serve the marketplace, print revenue statements and readiness.
 
-    taas marketplace serve [--host 127.0.0.1 --port 8000] [--sample N]
+    taas marketplace serve [--host 127.0.0.1 --port 8000] [--sample N] [--secure-cookies]
     taas marketplace statement CONTRIBUTOR [--period YYYY-MM] [--link-base http://host:port]
     taas marketplace readiness [--min-domains 20 --min-cycles 3]
     taas marketplace price NAME [--per-1k-tokens 0.002] [--weight-fee 900] [--maintenance-fee 150]
@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--sample", type=int, default=0, help="serve N sample experts")
     serve.add_argument("--min-domains", type=int, default=20)
     serve.add_argument("--min-cycles", type=int, default=3)
+    serve.add_argument(
+        "--secure-cookies", action="store_true", help="served over HTTPS: Secure cookies, HSTS"
+    )
     serve.set_defaults(handler=_serve)
     statement = sub.add_parser("statement", help="a contributor's revenue statement")
     statement.add_argument("contributor")
@@ -135,6 +138,7 @@ def build_market(args: argparse.Namespace):
         base_model_path=base_path,
         min_domains=getattr(args, "min_domains", 20),
         min_cycles=getattr(args, "min_cycles", 3),
+        secure_cookies=getattr(args, "secure_cookies", False),
     )
     return Market(config, catalog, Licensing(ledger))
 

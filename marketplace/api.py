@@ -15,8 +15,9 @@ import time
 import uuid
 from decimal import Decimal
 
-from fastapi import APIRouter, Header, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.mixture import BASE_ROUTE
 from marketplace.auth import bearer_key
@@ -75,8 +76,20 @@ def build_router(market: Market) -> APIRouter:
     router = APIRouter(prefix="/v1")
 
     @router.post("/completions")
-    def completions(body: CompletionRequest, authorization: str | None = Header(None)) -> dict:
-        buyer_id, key_id = _buyer(market, authorization)
+    async def completions(request: Request, authorization: str | None = Header(None)) -> dict:
+        # The key is checked before the body is read or parsed: a caller without one costs a
+        # header lookup (and the body's size is capped in front of the app, see guards).
+        buyer_id, key_id = await run_in_threadpool(_buyer, market, authorization)
+        try:
+            body = CompletionRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            errors = [
+                {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+            ]
+            raise HTTPException(422, detail=errors) from None
+        return await run_in_threadpool(_complete, market, buyer_id, key_id, body)
+
+    def _complete(market: Market, buyer_id: str, key_id: str, body: CompletionRequest) -> dict:
         entries = _entries(market, buyer_id, body.model)
         if body.max_tokens > market.config.max_new_tokens:
             raise HTTPException(

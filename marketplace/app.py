@@ -1,54 +1,93 @@
 """The marketplace web app: server-rendered pages (Jinja2) plus the buyer API.
 
 Pages: ``/`` catalog with search and filters, ``/experts/{name}``, ``/compare``, ``/demo`` with a
-streamed generation (``/demo/stream``: one JSON line per token with its expert), ``/account``
-(buyer sign-up, licences, usage, invoices, download links, API keys: issue and revoke),
-``/download/...`` (signed, expiring, logged), ``/statements/{contributor}`` (signed link),
-``/readiness``. Run with ``taas marketplace serve``.
+streamed generation (``POST /demo/stream``: one JSON line per token with its expert), ``/account``
+(buyer sign-up, sign-in, sign-out, licences, usage, invoices, downloads, API keys: issue and
+revoke), ``POST /download/...`` (signed, expiring, logged), ``/statements/{contributor}`` (signed
+link), ``/readiness``. Run with ``taas marketplace serve``.
 
-Buyers are known by an expiring signed session cookie (SameSite=Lax, HttpOnly). Every POST that
-acts for a session (license, issue key, revoke key) must carry the session's CSRF token in the
-form field ``csrf`` (see :mod:`marketplace.auth`), else it is answered 403: the cookie alone
-does not prove the buyer meant to send the request.
+Buyers are known by an expiring signed session cookie (SameSite=Lax, HttpOnly, Secure when
+``secure_cookies``), signed at the buyer's session version: signing out or revoking a key ends
+every session of the buyer (the one that revoked gets a fresh cookie). Every POST that acts for
+a session (license, issue key, revoke key, sign out) must carry the session's CSRF token in the
+form field ``csrf``; sign-up and sign-in carry a token tied to a pre-session cookie; and a POST
+whose ``Origin`` (or ``Referer``) names another site is refused. All of these are answered 403.
+Prompts and download signatures travel in POST bodies, never in URLs (access logs keep URLs).
+Sign-ups are rate limited per client address, the demo per visitor and per address.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.templating import Jinja2Templates
 
-from marketplace.licensing import period_of
 from marketplace.api import build_router
 from marketplace.auth import (
     RateLimiter,
     check_csrf,
     check_link,
+    check_presession,
     csrf_token,
+    link_signature,
+    presession_token,
     session_buyer,
     session_cookie,
-    sign_link,
 )
 from marketplace.charts import benchmark_svg
-from marketplace.market import Market
+from marketplace.guards import BodyLimit, SecurityHeaders
+from marketplace.licensing import period_of
+from marketplace.market import Market, TornBundle
 
 COOKIE = "taas_session"
+PRESESSION = "taas_presession"
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
 
 def create_app(market: Market) -> FastAPI:
+    config = market.config
     app = FastAPI(title="taas marketplace", docs_url=None, redoc_url=None)
+    app.add_middleware(
+        BodyLimit, max_body_bytes=config.max_body_bytes, max_form_bytes=config.max_form_bytes
+    )
+    app.add_middleware(SecurityHeaders, hsts=config.secure_cookies)
     app.include_router(build_router(market))
-    limiter = RateLimiter(market.config.demo_rate_per_minute, market.config.demo_burst)
+    limiter = RateLimiter(config.demo_rate_per_minute, config.demo_burst)
+    signups = RateLimiter(config.signup_rate_per_minute, config.signup_burst)
 
     def buyer_of(request: Request) -> str | None:
-        return session_buyer(market.secret, request.cookies.get(COOKIE))
+        return session_buyer(
+            market.secret,
+            request.cookies.get(COOKIE),
+            version_of=market.licensing.session_version,
+        )
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    @app.middleware("http")
+    async def same_origin_posts(request: Request, call_next):
+        """A POST from a page of another site is refused before it reaches a route."""
+        if request.method == "POST" and not request.url.path.startswith("/v1/"):
+            claimed = request.headers.get("origin") or request.headers.get("referer")
+            host = request.headers.get("host", "")
+            if claimed and claimed != "null" and urlsplit(claimed).netloc != host:
+                return JSONResponse({"detail": "origin: cross-site form refused"}, 403)
+        return await call_next(request)
 
     def page(
         request: Request,
@@ -59,13 +98,35 @@ def create_app(market: Market) -> FastAPI:
     ) -> HTMLResponse:
         buyer_id = as_buyer or buyer_of(request)
         cookie = cookie or request.cookies.get(COOKIE)
+        nonce = None
+        if not buyer_id:  # sign-up and sign-in forms: a token tied to a pre-session cookie
+            nonce = request.cookies.get(PRESESSION) or secrets.token_urlsafe(24)
         context.update(
             buyer_id=buyer_id,
             buyer_name=market.licensing.buyer_name(buyer_id) if buyer_id else None,
             ready=market.readiness(),
             csrf=csrf_token(market.secret, cookie) if buyer_id and cookie else "",
+            presession=presession_token(market.secret, nonce) if nonce else "",
         )
-        return TEMPLATES.TemplateResponse(request, name, context)
+        response = TEMPLATES.TemplateResponse(request, name, context)
+        if nonce and nonce != request.cookies.get(PRESESSION):
+            set_cookie(response, PRESESSION, nonce, None)
+        return response
+
+    def set_cookie(response: Response, name: str, value: str, max_age: int | None) -> None:
+        response.set_cookie(
+            name,
+            value,
+            max_age=max_age,
+            httponly=True,
+            samesite="lax",
+            secure=config.secure_cookies,
+        )
+
+    def check_entry_form(request: Request, csrf: str | None) -> None:
+        """403 unless a sign-up/sign-in form carries this browser's pre-session token."""
+        if not check_presession(market.secret, request.cookies.get(PRESESSION), csrf):
+            raise HTTPException(403, detail="csrf: reload the page and submit the form again")
 
     def acting_buyer(request: Request, csrf: str | None) -> str | None:
         """The session's buyer for a state-changing POST (None without a session); 403 when
@@ -137,11 +198,17 @@ def create_app(market: Market) -> FastAPI:
             entry_or_404(expert, request)
         return page(request, "demo.html", entries=entries, selected=expert)
 
-    @app.get("/demo/stream")
-    def demo_stream(request: Request, expert: str, prompt: str) -> StreamingResponse:
+    @app.post("/demo/stream")
+    def demo_stream(
+        request: Request, expert: str = Form(..., max_length=512), prompt: str = Form(...)
+    ) -> StreamingResponse:
         entry = entry_or_404(expert, request)
-        visitor = buyer_of(request) or (request.client.host if request.client else "unknown")
-        if not limiter.allow(visitor):
+        # Per buyer and per address: new accounts from one address share the address's bucket.
+        visitor = buyer_of(request)
+        allowed = limiter.allow("addr:" + client_of(request))
+        if visitor is not None:
+            allowed = limiter.allow("buyer:" + visitor) and allowed
+        if not allowed:
             raise HTTPException(429, detail="demo: too many requests, wait a minute")
         handle = market.handle(entry)
         try:
@@ -150,7 +217,7 @@ def create_app(market: Market) -> FastAPI:
             raise HTTPException(400, detail=str(exc)) from None
 
         def lines() -> Iterator[str]:
-            tokens = market.generator.stream([handle], prompt, market.config.demo_max_new_tokens)
+            tokens = market.generator.stream([handle], prompt, config.demo_max_new_tokens)
             for token in tokens:
                 yield json.dumps({"text": token.text, "expert": token.expert}) + "\n"
             yield json.dumps({"done": True}) + "\n"
@@ -170,13 +237,14 @@ def create_app(market: Market) -> FastAPI:
         request: Request, buyer_id: str, new_key: str | None, cookie: str | None = None
     ) -> HTMLResponse:
         licences = market.licensing.licences_of(buyer_id)
-        expires = int(time.time()) + market.config.link_ttl_s
-        links = {}
+        expires = int(time.time()) + config.link_ttl_s
+        downloads = {}  # licence id -> the POST form's action and signed fields
         for lic in licences:
             entry = market.visible(lic.expert_name, buyer_id)
             if entry and lic.kind in ("weight", "exclusive"):
                 path = f"/download/{buyer_id}/{entry.name}/{entry.champion}"
-                links[lic.licence_id] = sign_link(market.secret, path, expires)
+                sig = link_signature(market.secret, path, expires)
+                downloads[lic.licence_id] = (quote(path, safe="/"), expires, sig)
         return page(
             request,
             "account.html",
@@ -184,22 +252,32 @@ def create_app(market: Market) -> FastAPI:
             cookie=cookie,
             new_key=new_key,
             licences=licences,
-            links=links,
+            links=downloads,
             usage=sorted(market.licensing.usage(buyer_id).items()),
             invoice=market.licensing.invoice(buyer_id, period_of(datetime.now(UTC))),
             keys=market.api_keys(buyer_id),
             downloads=market.licensing.downloads_of(buyer_id),
         )
 
+    def new_cookie(buyer_id: str) -> str:
+        expires = int(time.time()) + config.session_ttl_s
+        version = market.licensing.session_version(buyer_id) or 0
+        return session_cookie(market.secret, buyer_id, expires, version)
+
     def open_session(request: Request, buyer_id: str, new_key: str | None) -> HTMLResponse:
-        ttl = market.config.session_ttl_s
-        cookie = session_cookie(market.secret, buyer_id, int(time.time()) + ttl)
+        cookie = new_cookie(buyer_id)
         response = account_page(request, buyer_id, new_key, cookie)
-        response.set_cookie(COOKIE, cookie, max_age=ttl, httponly=True, samesite="lax")
+        set_cookie(response, COOKIE, cookie, config.session_ttl_s)
+        response.delete_cookie(PRESESSION)
         return response
 
     @app.post("/account")
-    def sign_up(request: Request, name: str = Form(...)) -> HTMLResponse:
+    def sign_up(
+        request: Request, name: str = Form(...), csrf: str | None = Form(None)
+    ) -> HTMLResponse:
+        check_entry_form(request, csrf)
+        if not signups.allow(client_of(request)):
+            raise HTTPException(429, detail="sign-up: too many accounts from here, wait a minute")
         try:
             buyer_id = market.licensing.create_buyer(name)
         except ValueError as exc:
@@ -208,13 +286,26 @@ def create_app(market: Market) -> FastAPI:
         return open_session(request, buyer_id, market.licensing.issue_key(buyer_id))
 
     @app.post("/account/signin")
-    def sign_in(request: Request, key: str = Form("")) -> HTMLResponse:
+    def sign_in(
+        request: Request, key: str = Form(""), csrf: str | None = Form(None)
+    ) -> HTMLResponse:
         """A new session for the holder of one of the buyer's active API keys (the way back in
         once a session has expired); refused keys get the API's reasons."""
+        check_entry_form(request, csrf)
         found = market.licensing.authenticate(key.strip())
         if isinstance(found, str):
             raise HTTPException(401, detail={"error": "api_key", "reason": found})
         return open_session(request, found[0], None)
+
+    @app.post("/account/signout")
+    def sign_out(request: Request, csrf: str | None = Form(None)) -> Response:
+        """Ends every session of the buyer, on every device."""
+        buyer_id = acting_buyer(request, csrf)
+        if buyer_id is not None:
+            market.licensing.end_sessions(buyer_id)
+        response = RedirectResponse("/account", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
 
     @app.get("/account", response_class=HTMLResponse)
     def account(request: Request) -> HTMLResponse:
@@ -238,7 +329,11 @@ def create_app(market: Market) -> FastAPI:
         # Another buyer's key is answered like a missing one: its existence is not revealed.
         if not market.revoke_key(buyer_id, key_id):
             raise HTTPException(404, detail="no such key")
-        return RedirectResponse("/account", status_code=303)
+        # Revoking ended every session of the buyer (a leaked key may have opened one); the
+        # buyer who revoked stays signed in with a cookie at the new version.
+        response = RedirectResponse("/account", status_code=303)
+        set_cookie(response, COOKIE, new_cookie(buyer_id), config.session_ttl_s)
+        return response
 
     @app.post("/experts/{name}/license")
     def license_expert(
@@ -256,16 +351,17 @@ def create_app(market: Market) -> FastAPI:
             raise HTTPException(409, detail=str(exc)) from None
         return RedirectResponse("/account", status_code=303)
 
-    @app.get("/download/{buyer_id}/{name}/{version}")
+    @app.post("/download/{buyer_id}/{name}/{version}")
     def download(
         buyer_id: str,
         name: str,
         version: str,
         request: Request,
-        expires: str | None = None,
-        sig: str | None = None,
+        expires: str | None = Form(None),
+        sig: str | None = Form(None),
     ) -> Response:
-        refused = check_link(market.secret, request.url.path, expires, sig)
+        # The signed path is the decoded one: a name with '?', '#' or '%' is quoted in the form.
+        refused = check_link(market.secret, request.scope["path"], expires, sig)
         if refused:
             raise HTTPException(403, detail=f"download link refused: {refused}")
         entry = market.visible(name, buyer_id)
@@ -273,15 +369,19 @@ def create_app(market: Market) -> FastAPI:
             raise HTTPException(404, detail="no such expert")
         if not market.licensing.holds(buyer_id, name, ("weight", "exclusive")):
             raise HTTPException(403, detail="no weight licence")
-        data, digest = market.bundle(entry, version)
-        client = request.client.host if request.client else ""
-        market.licensing.log_download(buyer_id, name, version, digest, client)
-        filename = f"{name}-{version}.tar.gz"
-        headers = {
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "X-Bundle-SHA256": digest,
-        }
-        return Response(data, media_type="application/gzip", headers=headers)
+        try:
+            data, digest = market.bundle(entry, version)
+        except TornBundle as exc:  # never serve (or log) a folder that fails its marker
+            raise HTTPException(503, detail=f"bundle: {exc}; try again shortly") from None
+        market.licensing.log_download(buyer_id, name, version, digest, client_of(request))
+        return Response(
+            data,
+            media_type="application/gzip",
+            headers={
+                "Content-Disposition": attachment(f"{name}-{version}.tar.gz"),
+                "X-Bundle-SHA256": digest,
+            },
+        )
 
     @app.get("/statements/{contributor}", response_class=HTMLResponse)
     def statement(
@@ -293,3 +393,11 @@ def create_app(market: Market) -> FastAPI:
         return page(request, "statement.html", s=market.licensing.statement(contributor))
 
     return app
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for any file name (RFC 6266/5987): an ASCII fallback plus the
+    UTF-8 name, so a non-latin-1 expert name never breaks the header."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\%' else "_"
+                       for c in filename)  # fmt: skip
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -204,12 +204,14 @@ class LibraryCatalog:
         self._names, self._describe, self._folder = names, describe, folder
 
     def entries(self) -> list[CatalogEntry]:
-        found = [self.get(name) for name in self._names()]
+        # One listing per page, not one per entry (that made a page O(N^2) registry calls).
+        found = [self._entry(name) for name in self._names()]
         return sorted((e for e in found if e), key=lambda e: (e.domain, e.name))
 
     def get(self, name: str) -> CatalogEntry | None:
-        if name not in self._names():
-            return None
+        return self._entry(name) if name in self._names() else None
+
+    def _entry(self, name: str) -> CatalogEntry | None:
         versions, champion, tags, card = self._describe(name)
         if tags.get("visibility", "public") != "public":
             return None
@@ -222,6 +224,25 @@ class LibraryCatalog:
 
     def expert_folder(self, name: str, version: str) -> Path:
         return self._folder(name, version)
+
+    def forget(self, name: str, version: str) -> None:
+        """Drops what is remembered of a version's local folder (it no longer verifies)."""
+        forget = getattr(self._folder, "forget", None)
+        if forget is not None:
+            forget(name, version)
+
+
+class _CachedFolders:
+    """``folder(name, version)`` through an :class:`ExpertCache` over the library's download."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __call__(self, name: str, version: str) -> Path:
+        return self.cache.folder(name, version)
+
+    def forget(self, name: str, version: str) -> None:
+        self.cache.forget(name, version)
 
 
 def library_catalog(settings: Any) -> LibraryCatalog:
@@ -257,19 +278,20 @@ def library_catalog(settings: Any) -> LibraryCatalog:
         tags["champion_history"] = json.dumps([[version, date] for date, version in history])
         return [v.version for v in every], str(shown.version), tags, _card_text(tags)
 
-    def folder(name: str, version: str) -> Path:
-        return library.resolve_expert_folder(f"{name}@{version}")
+    from marketplace.expert_cache import ExpertCache
 
-    return LibraryCatalog(names, describe, folder)
+    # download() verifies the folder against the version's adapter_sha256 tag and renames it
+    # into place atomically; the cache fetches each version once, under a file lock.
+    cache = ExpertCache(
+        Path(settings.home) / "marketplace" / "experts",
+        lambda name, version, dest: library.download(name, version, dest),
+    )
+    return LibraryCatalog(names, describe, _CachedFolders(cache))
 
 
 def _card_text(tags: dict[str, str]) -> str:
     keys = ("commission_id", "licence", "benchmark_summary", "wise_ft_alpha", "code_version")
     return "\n".join(f"{key}: {tags[key]}" for key in keys if tags.get(key))
-
-
-def library_download_dir(settings: Any, name: str, version: str) -> Path:
-    return Path(settings.home) / "marketplace" / "experts" / name / version
 
 
 def _float(value: Any) -> float | None:

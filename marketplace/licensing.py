@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
-from sqlalchemy import ForeignKey, String, select
+from sqlalchemy import ForeignKey, Index, String, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from factory.ledger import Base, Ledger
@@ -55,6 +56,27 @@ class Buyer(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
+class BuyerSession(Base):
+    """A buyer's session version: every session cookie is signed at the version it was opened
+    at, so raising it (sign-out, a revoked key) ends them all at once."""
+
+    __tablename__ = "buyer_sessions"
+
+    buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.buyer_id"), primary_key=True)
+    version: Mapped[int] = mapped_column(default=1)
+
+
+class ExpertGrantLock(Base):
+    """One row per licensed expert, updated first in every grant: the row lock (PostgreSQL) or
+    the write lock it takes (SQLite) serializes grants on one expert, so the checks that follow
+    see every grant committed before."""
+
+    __tablename__ = "expert_grant_locks"
+
+    expert_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    grants: Mapped[int] = mapped_column(default=0)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
@@ -66,8 +88,21 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
+_ACTIVE = text("revoked_at IS NULL")
+_ACTIVE_EXCLUSIVE = text("kind = 'exclusive' AND revoked_at IS NULL")
+
+
 class Licence(Base):
     __tablename__ = "licences"
+    # The database's own guarantees, whatever the code above them does: one active exclusive
+    # licence per expert, and one active licence of a kind per buyer and expert (so a repeated
+    # purchase can never book its fee twice).
+    __table_args__ = (
+        Index("uq_licence_exclusive", "expert_name", unique=True,
+              sqlite_where=_ACTIVE_EXCLUSIVE, postgresql_where=_ACTIVE_EXCLUSIVE),
+        Index("uq_licence_active", "buyer_id", "expert_name", "kind", unique=True,
+              sqlite_where=_ACTIVE, postgresql_where=_ACTIVE),
+    )  # fmt: skip
 
     licence_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.buyer_id"), index=True)
@@ -187,6 +222,39 @@ def split_cents(amount: Decimal, shares: dict[str, Decimal]) -> dict[str, Decima
     return {party: Decimal(count) * CENT for party, count in floors.items()}
 
 
+def _bump_sessions(session: Session, buyer_id: str) -> int:
+    bump = (
+        update(BuyerSession)
+        .where(BuyerSession.buyer_id == buyer_id)
+        .values(version=BuyerSession.version + 1)
+    )
+    if not session.execute(bump).rowcount:
+        try:
+            with session.begin_nested():
+                session.execute(insert(BuyerSession).values(buyer_id=buyer_id, version=1))
+        except IntegrityError:  # a concurrent first sign-out made the row
+            session.execute(bump)
+    return session.scalars(
+        select(BuyerSession.version).where(BuyerSession.buyer_id == buyer_id)
+    ).one()
+
+
+def _lock_expert(session: Session, expert_name: str) -> None:
+    """Takes the expert's grant lock for the rest of the transaction (created on first use)."""
+    bump = (
+        update(ExpertGrantLock)
+        .where(ExpertGrantLock.expert_name == expert_name)
+        .values(grants=ExpertGrantLock.grants + 1)
+    )
+    if session.execute(bump).rowcount:
+        return
+    try:
+        with session.begin_nested():
+            session.execute(insert(ExpertGrantLock).values(expert_name=expert_name, grants=1))
+    except IntegrityError:  # created by a concurrent first grant: wait on its row lock
+        session.execute(bump)
+
+
 class Licensing:
     """Buyers, keys, licences, metering and statements over the ledger's database."""
 
@@ -194,6 +262,8 @@ class Licensing:
         self.ledger = ledger
         self.engine = ledger.engine
         Base.metadata.create_all(self.engine)
+        for index in Licence.__table__.indexes:  # tables made before the indexes existed
+            index.create(self.engine, checkfirst=True)
 
     # buyers and keys -------------------------------------------------------------------------
     def create_buyer(self, name: str) -> str:
@@ -208,6 +278,19 @@ class Licensing:
         with Session(self.engine) as session:
             row = session.get(Buyer, buyer_id)
             return row.name if row else None
+
+    def session_version(self, buyer_id: str) -> int | None:
+        """The buyer's current session version (0 before any was ended); None: no buyer."""
+        with Session(self.engine) as session:
+            if session.get(Buyer, buyer_id) is None:
+                return None
+            row = session.get(BuyerSession, buyer_id)
+            return row.version if row else 0
+
+    def end_sessions(self, buyer_id: str) -> int:
+        """Ends every session of the buyer; returns the new session version."""
+        with Session(self.engine) as session, session.begin():
+            return _bump_sessions(session, buyer_id)
 
     def issue_key(self, buyer_id: str) -> str:
         """Returns a new API key ``taas_<key_id>_<secret>``; only its salted hash is stored."""
@@ -230,11 +313,14 @@ class Licensing:
         return f"taas_{key_id}_{secret}"
 
     def revoke_key(self, key_id: str) -> None:
+        """Revokes a key and ends every session of its buyer (one signed in with a leaked key
+        included)."""
         with Session(self.engine) as session, session.begin():
             row = session.get(ApiKey, key_id)
             if row is None:
                 raise ValueError(f"key_id: no key {key_id}")
             row.revoked_at = row.revoked_at or _now()
+            _bump_sessions(session, row.buyer_id)
 
     def authenticate(self, presented: str | None) -> tuple[str, str] | str:
         """Returns (buyer_id, key_id) for a valid key, else a reason from ``KEY_REFUSALS``."""
@@ -279,50 +365,67 @@ class Licensing:
 
         ``weight`` books ``fee`` (one time) and the first year's ``maintenance_fee``;
         ``exclusive`` books ``fee`` as the premium and is refused while another buyer holds an
-        active licence on the expert.
+        active licence on the expert. A buyer who already holds an active licence of this kind
+        gets that licence's id back and is charged nothing more (a repeated click, a retried
+        request). Grants on one expert are serialized by its :class:`ExpertGrantLock` row, and
+        the unique indexes on :class:`Licence` refuse what the lock would have; a refused buyer
+        is told (ValueError) and charged nothing: the whole transaction rolls back.
         """
         if kind not in LICENCE_KINDS:
             raise ValueError(f"kind: must be one of {', '.join(LICENCE_KINDS)}, not {kind!r}")
         if self.buyer_name(buyer_id) is None:
             raise ValueError(f"buyer_id: no buyer {buyer_id}")
         at = at or _now()
-        with Session(self.engine) as session, session.begin():
-            active = session.scalars(
-                select(Licence).where(
-                    Licence.expert_name == expert_name, Licence.revoked_at.is_(None)
-                )
-            ).all()
-            owner = next((lic.buyer_id for lic in active if lic.kind == "exclusive"), None)
-            if owner is not None and owner != buyer_id:
-                raise ValueError(f"expert_name: {expert_name} is licensed exclusively")
-            if kind == "exclusive" and any(lic.buyer_id != buyer_id for lic in active):
-                raise ValueError(f"kind: {expert_name} has other licensees; exclusive refused")
-            licence = Licence(
-                buyer_id=buyer_id,
-                expert_name=expert_name,
-                kind=kind,
-                price_per_token=str(price_per_token),
-                created_at=at,
-            )
-            session.add(licence)
-            session.flush()
-            items = {"weight": [("weight_fee", fee), ("maintenance", maintenance_fee)]}
-            items["exclusive"] = [("exclusive_premium", fee)]
-            for item, amount in items.get(kind, []):
-                if amount > 0:
-                    session.add(
-                        Charge(
-                            buyer_id=buyer_id,
-                            licence_id=licence.licence_id,
-                            expert_name=expert_name,
-                            expert_version=expert_version,
-                            item=item,
-                            amount=str(amount),
-                            period=period_of(at),
-                            created_at=at,
-                        )
+        fees = {
+            "weight": [("weight_fee", fee), ("maintenance", maintenance_fee)],
+            "exclusive": [("exclusive_premium", fee)],
+        }
+        try:
+            with Session(self.engine) as session, session.begin():
+                _lock_expert(session, expert_name)
+                active = session.scalars(
+                    select(Licence).where(
+                        Licence.expert_name == expert_name, Licence.revoked_at.is_(None)
                     )
-            return licence.licence_id
+                ).all()
+                mine = [lic for lic in active if lic.buyer_id == buyer_id and lic.kind == kind]
+                if mine:
+                    return mine[0].licence_id
+                owner = next((lic.buyer_id for lic in active if lic.kind == "exclusive"), None)
+                if owner is not None and owner != buyer_id:
+                    raise ValueError(f"expert_name: {expert_name} is licensed exclusively")
+                if kind == "exclusive" and any(lic.buyer_id != buyer_id for lic in active):
+                    raise ValueError(f"kind: {expert_name} has other licensees; exclusive refused")
+                licence = Licence(
+                    buyer_id=buyer_id,
+                    expert_name=expert_name,
+                    kind=kind,
+                    price_per_token=str(price_per_token),
+                    created_at=at,
+                )
+                session.add(licence)
+                session.flush()
+                for item, amount in fees.get(kind, []):
+                    if amount > 0:
+                        session.add(
+                            Charge(
+                                buyer_id=buyer_id,
+                                licence_id=licence.licence_id,
+                                expert_name=expert_name,
+                                expert_version=expert_version,
+                                item=item,
+                                amount=str(amount),
+                                period=period_of(at),
+                                created_at=at,
+                            )
+                        )
+                return licence.licence_id
+        except IntegrityError:
+            # Only reachable if something bypassed the lock; the constraint still decides.
+            raise ValueError(
+                f"expert_name: {expert_name} was licensed by someone else meanwhile; nothing "
+                "was charged"
+            ) from None
 
     def renew_maintenance(
         self, licence_id: int, expert_version: str, amount: Decimal, at: datetime | None = None

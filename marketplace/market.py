@@ -9,6 +9,7 @@ manages only their own API keys: :meth:`Market.revoke_key` answers False for any
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -17,11 +18,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.bundle import WEIGHT_FILES
 from factory.hashing import bytes_sha256
-from marketplace.licensing import KeyRecord, Licensing
+from infra.atomic import MARKER
 from marketplace.catalog import Catalog, CatalogEntry
 from marketplace.demo import ExpertHandle, RoutedGenerator
+from marketplace.licensing import KeyRecord, Licensing
 from marketplace.readiness import Readiness, readiness
+
+
+class TornBundle(ValueError):
+    """An expert folder that does not match its commit marker: never served."""
 
 
 class MarketplaceConfig(BaseModel):
@@ -38,6 +45,11 @@ class MarketplaceConfig(BaseModel):
     max_new_tokens: int = Field(default=64, ge=1)
     link_ttl_s: int = Field(default=900, ge=1)
     session_ttl_s: int = Field(default=12 * 3600, ge=1, description="buyer session lifetime")
+    secure_cookies: bool = Field(default=False, description="Secure cookies and HSTS (HTTPS)")
+    signup_rate_per_minute: float = Field(default=2.0, gt=0, description="per client address")
+    signup_burst: int = Field(default=5, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="JSON API bodies")
+    max_form_bytes: int = Field(default=16 * 1024, ge=1024, description="form posts")
 
 
 @dataclass(frozen=True)
@@ -143,17 +155,40 @@ class Market:
         )
 
     def bundle(self, entry: CatalogEntry, version: str) -> tuple[bytes, str]:
-        """A reproducible tar.gz of an expert version's folder and its sha256."""
-        folder = self.catalog.expert_folder(entry.name, version)
+        """A reproducible tar.gz of an expert version's committed folder and its sha256.
+
+        Only the files its commit marker lists go in (no symlinks, nothing added later), each
+        checked against the marker's sha256 as it is read: a folder torn or changed underneath
+        raises :class:`TornBundle` (and the catalog forgets it) instead of being served.
+        """
+        folder = Path(self.catalog.expert_folder(entry.name, version))
+        prefix = f"{entry.name}-{version}/"
+        try:
+            listing = json.loads((folder / MARKER).read_bytes())["files"]
+            # Deliverables only (factory.bundle): never a legacy replay.jsonl of customer text.
+            listing = {rel: sha for rel, sha in listing.items() if rel in WEIGHT_FILES}
+            marker = json.dumps({"files": listing}, indent=2, sort_keys=True) + "\n"
+            contents = {MARKER: marker.encode()}
+            for rel in sorted(listing):
+                path = folder / rel
+                if path.is_symlink() or not path.is_file():
+                    raise TornBundle(f"{entry.name}@{version}: {rel} is missing")
+                data = path.read_bytes()
+                if bytes_sha256(data) != listing[rel]:
+                    raise TornBundle(f"{entry.name}@{version}: {rel} differs from its marker")
+                contents[rel] = data
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            forget = getattr(self.catalog, "forget", None)
+            if forget is not None:
+                forget(entry.name, version)
+            if isinstance(exc, TornBundle):
+                raise
+            raise TornBundle(f"{entry.name}@{version}: commit marker unreadable") from None
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-            for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-                info = tar.gettarinfo(
-                    str(path),
-                    arcname=f"{entry.name}-{version}/" + path.relative_to(folder).as_posix(),
-                )
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                with open(path, "rb") as fh:
-                    tar.addfile(info, fh)
+            for rel in sorted(contents):
+                info = tarfile.TarInfo(prefix + rel)
+                info.size, info.mode, info.mtime = len(contents[rel]), 0o644, 0
+                tar.addfile(info, io.BytesIO(contents[rel]))
         data = buffer.getvalue()
         return data, bytes_sha256(data)

@@ -9,6 +9,7 @@ import tarfile
 import threading
 import time
 from decimal import Decimal
+from urllib.parse import parse_qsl
 
 import pytest
 from fastapi.testclient import TestClient
@@ -59,6 +60,28 @@ def new_buyer(market, name="Acme", licences=()):
     return buyer, key, {"Authorization": f"Bearer {key}"}
 
 
+def fetch(client, link: str):
+    """POSTs a signed download link the way the account page's form does: the signature in
+    the body, never in the URL."""
+    path, _, query = link.partition("?")
+    return client.post(path, data=dict(parse_qsl(query)))
+
+
+def presession_csrf(browser) -> str:
+    """The sign-up/sign-in form token this browser's pre-session cookie earns."""
+    found = re.findall(r'name="csrf" value="([0-9a-f]*)"', browser.get("/account").text)
+    assert found and len(found[0]) == 64, found
+    return found[0]
+
+
+def sign_up(browser, name: str):
+    return browser.post("/account", data={"name": name, "csrf": presession_csrf(browser)})
+
+
+def sign_in(browser, key: str):
+    return browser.post("/account/signin", data={"key": key, "csrf": presession_csrf(browser)})
+
+
 def test_catalog_filters_and_preview_banner(client):
     page = client.get("/").text
     assert all(f"{d}-expert" in page for d in DOMAINS)
@@ -94,8 +117,8 @@ def test_expert_page_and_compare(client):
 
 def test_demo_stream_routes_every_token_and_is_rate_limited(client, market):
     headers = {"X-Forwarded-For": "ignored"}
-    lines = client.get(
-        "/demo/stream", params={"expert": "law-expert", "prompt": "def parse("}, headers=headers
+    lines = client.post(
+        "/demo/stream", data={"expert": "law-expert", "prompt": "def parse("}, headers=headers
     ).text.splitlines()
     events = [json.loads(line) for line in lines]
     assert events[-1] == {"done": True}
@@ -103,9 +126,9 @@ def test_demo_stream_routes_every_token_and_is_rate_limited(client, market):
     assert 1 <= len(tokens) <= market.config.demo_max_new_tokens
     assert {t["expert"] for t in tokens} <= {"law-expert", "base"}
     assert "".join(t["text"] for t in tokens).strip()
-    second = client.get("/demo/stream", params={"expert": "law-expert", "prompt": "x"})
+    second = client.post("/demo/stream", data={"expert": "law-expert", "prompt": "x"})
     assert second.status_code == 200
-    third = client.get("/demo/stream", params={"expert": "law-expert", "prompt": "x"})
+    third = client.post("/demo/stream", data={"expert": "law-expert", "prompt": "x"})
     assert third.status_code == 429
 
 
@@ -182,7 +205,7 @@ def test_weight_download_link_is_signed_expiring_and_logged(client, market):
     buyer, _, _ = new_buyer(market, licences=[("finance-expert", "weight")])
     path = f"/download/{buyer}/finance-expert/1"
     link = sign_link(market.secret, path, int(time.time()) + 60)
-    response = client.get(link)
+    response = fetch(client, link)
     assert response.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
         names = tar.getnames()
@@ -192,16 +215,16 @@ def test_weight_download_link_is_signed_expiring_and_logged(client, market):
         ("finance-expert", response.headers["X-Bundle-SHA256"])
     ]
     expired = sign_link(market.secret, path, int(time.time()) - 1)
-    assert "expired" in client.get(expired).json()["detail"]
-    assert "unsigned" in client.get(path).json()["detail"]
+    assert "expired" in fetch(client, expired).json()["detail"]
+    assert "unsigned" in fetch(client, path).json()["detail"]
     tampered = link.replace("finance-expert", "law-expert")
-    assert "bad_signature" in client.get(tampered).json()["detail"]
+    assert "bad_signature" in fetch(client, tampered).json()["detail"]
     assert check_link(market.secret, path, "123", "0" * 64) == "bad_signature"
     other, _, _ = new_buyer(market, "NoWeights")
     unlicensed = sign_link(
         market.secret, f"/download/{other}/finance-expert/1", int(time.time()) + 60
     )
-    assert client.get(unlicensed).status_code == 403
+    assert fetch(client, unlicensed).status_code == 403
 
 
 def test_exclusive_expert_is_refused_to_everyone_else(client, market):
@@ -210,7 +233,7 @@ def test_exclusive_expert_is_refused_to_everyone_else(client, market):
     assert "tax-expert" not in client.get("/").text
     assert client.get("/experts/tax-expert").status_code == 404
     assert (
-        client.get("/demo/stream", params={"expert": "tax-expert", "prompt": "a"}).status_code
+        client.post("/demo/stream", data={"expert": "tax-expert", "prompt": "a"}).status_code
         == 404
     )
     body = {"model": "tax-expert", "prompt": "a", "max_tokens": 1}
@@ -220,11 +243,11 @@ def test_exclusive_expert_is_refused_to_everyone_else(client, market):
     with pytest.raises(ValueError, match="exclusively"):
         market.grant(other, market.catalog.get("tax-expert"), "weight")
     link = sign_link(market.secret, f"/download/{other}/tax-expert/1", int(time.time()) + 60)
-    assert client.get(link).status_code == 404
+    assert fetch(client, link).status_code == 404
     # the owner still has it everywhere
     assert client.post("/v1/completions", json=body, headers=owner_headers).status_code == 200
     own_link = sign_link(market.secret, f"/download/{owner}/tax-expert/1", int(time.time()) + 60)
-    assert client.get(own_link).status_code == 200
+    assert fetch(client, own_link).status_code == 200
     assert "tax-expert" in {
         m["id"] for m in client.get("/v1/models", headers=owner_headers).json()["data"]
     }
@@ -238,7 +261,7 @@ def csrf_of(html: str) -> str:
 
 def test_account_pages_sign_up_license_and_statement(client, market):
     with TestClient(create_app(market)) as browser:
-        response = browser.post("/account", data={"name": "Gamma"})
+        response = sign_up(browser, "Gamma")
         assert response.status_code == 200 and "taas_" in response.text  # key shown once
         assert 'id="api-key"' not in browser.get("/account").text
         csrf = csrf_of(response.text)
@@ -296,7 +319,7 @@ def test_session_cookie_lifetime_follows_the_config(tiny_base, tmp_path):
     assert MarketplaceConfig(secret="x" * 16, base_model_path=tmp_path).session_ttl_s == 12 * 3600
     with TestClient(create_app(market)) as browser:
         before = int(time.time())
-        response = browser.post("/account", data={"name": "Ttl"})
+        response = sign_up(browser, "Ttl")
         header = response.headers["set-cookie"]
         assert "Max-Age=90" in header and "HttpOnly" in header and "SameSite=lax" in header
         cookie = browser.cookies["taas_session"].strip('"')
@@ -316,7 +339,7 @@ def test_session_cookie_lifetime_follows_the_config(tiny_base, tmp_path):
 
 def test_an_active_api_key_signs_the_buyer_back_in(market):
     with TestClient(create_app(market)) as browser:
-        signed_up = browser.post("/account", data={"name": "Returning"}).text
+        signed_up = sign_up(browser, "Returning").text
         key = re.search(r'id="api-key">(taas_[^<]+)<', signed_up).group(1)
         buyer = market.licensing.authenticate(key)[0]
         browser.cookies.clear()  # the session is gone (expired, another device)
@@ -326,24 +349,24 @@ def test_an_active_api_key_signs_the_buyer_back_in(market):
             ("taas_x", "malformed"),
             (key + "x", "mismatch"),
         ]:
-            answer = browser.post("/account/signin", data={"key": presented})
+            answer = sign_in(browser, presented)
             assert answer.status_code == 401 and answer.json()["detail"]["reason"] == reason
             assert "taas_session" not in browser.cookies
-        back = browser.post("/account/signin", data={"key": key})
+        back = sign_in(browser, key)
         assert back.status_code == 200 and "Account Returning" in back.text
         assert session_buyer(market.secret, browser.cookies["taas_session"].strip('"')) == buyer
         assert key not in back.text  # the key is never shown again
         market.licensing.revoke_key(key.split("_")[1])
         browser.cookies.clear()
-        answer = browser.post("/account/signin", data={"key": key})
+        answer = sign_in(browser, key)
         assert answer.status_code == 401 and answer.json()["detail"]["reason"] == "revoked"
 
 
 def test_buyer_revokes_own_keys_and_issues_new_ones(client, market):
     with TestClient(create_app(market)) as browser, TestClient(create_app(market)) as intruder:
-        first_key = browser.post("/account", data={"name": "Keys"}).text
+        first_key = sign_up(browser, "Keys").text
         first_key = re.search(r'id="api-key">(taas_[^<]+)<', first_key).group(1)
-        other = intruder.post("/account", data={"name": "Intruder"})
+        other = sign_up(intruder, "Intruder")
         other_key = re.search(r'id="api-key">(taas_[^<]+)<', other.text).group(1)
         buyer = market.licensing.authenticate(first_key)[0]
         market.grant(buyer, market.catalog.get("law-expert"), "usage")
