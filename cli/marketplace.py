@@ -106,8 +106,8 @@ def _secret(home: Path) -> str:
 def build_market(args: argparse.Namespace):
     from factory.base_model import BaseModelRef, base_model_sha256, ensure_base_model
     from factory.ledger import Ledger
-    from marketplace.licensing import Licensing
     from infra.settings import get_settings
+    from marketplace.licensing import Licensing
     from marketplace.market import Market, MarketplaceConfig
 
     settings = get_settings()
@@ -140,7 +140,12 @@ def build_market(args: argparse.Namespace):
         min_cycles=getattr(args, "min_cycles", 3),
         secure_cookies=getattr(args, "secure_cookies", False),
     )
-    return Market(config, catalog, Licensing(ledger))
+    commission_of = None
+    if not getattr(args, "sample", 0):
+        from marketplace.catalog import library_commission_of
+
+        commission_of = library_commission_of(settings)
+    return Market(config, catalog, Licensing(ledger, commission_of))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -156,11 +161,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _statement(args: argparse.Namespace) -> int:
     from factory.ledger import Ledger
-    from marketplace.licensing import Licensing
     from infra.settings import get_settings
+    from marketplace.catalog import library_commission_of
+    from marketplace.licensing import Licensing
 
     settings = get_settings()
-    statement = Licensing(Ledger(settings.db_url)).statement(args.contributor, args.period)
+    licensing = Licensing(Ledger(settings.db_url), library_commission_of(settings))
+    statement = licensing.statement(args.contributor, args.period)
     print(json.dumps(statement, indent=2))
     if args.link_base:
         from marketplace.auth import sign_link

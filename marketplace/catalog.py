@@ -289,6 +289,29 @@ def library_catalog(settings: Any) -> LibraryCatalog:
     return LibraryCatalog(names, describe, _CachedFolders(cache))
 
 
+def library_commission_of(settings: Any) -> Callable[[str, str], str | None]:
+    """``(name, version) -> commission_id`` of a registered version (None when the library
+    does not know it); remembered, since a version's commission never changes. The library
+    opens on first use."""
+    found: dict[tuple[str, str], str | None] = {}
+    opened: list[Any] = []
+
+    def commission_of(name: str, version: str) -> str | None:
+        if (name, version) not in found:
+            if not opened:
+                from factory.library import ExpertLibrary
+
+                opened.append(ExpertLibrary(settings))
+            try:
+                tags = opened[0].show(name, version).tags
+            except (ValueError, LookupError):
+                return None  # not registered (a sample, a removed version): no commission
+            found[(name, version)] = tags.get("commission_id") or None
+        return found[(name, version)]
+
+    return commission_of
+
+
 def _card_text(tags: dict[str, str]) -> str:
     keys = ("commission_id", "licence", "benchmark_summary", "wise_ft_alpha", "code_version")
     return "\n".join(f"{key}: {tags[key]}" for key in keys if tags.get(key))

@@ -6,12 +6,13 @@ mixtures share the base model). Decoding is greedy, one token at a time, so the 
 As in :func:`factory.mixture.generate_with_routes`, a token's route is the majority over layers
 of the top-1 route at the position that predicted it; ``"base"`` is the mixture's null route
 (the base model alone). The model is shared between requests, so each decoding step runs under
-one lock.
+one lock; composing a new mixture (reading its folders) happens outside it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,13 @@ class RoutedGenerator:
         self.base_name = Path(base_path).name
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.top_k = top_k
-        self._mixtures: dict[tuple[Path, ...], tuple[MixtureModel, dict[str, ExpertHandle]]] = {}
-        self._lock = threading.Lock()
+        self._mixtures: OrderedDict[
+            tuple[Path, ...], tuple[MixtureModel, dict[str, ExpertHandle]]
+        ] = OrderedDict()
+        self._lock = threading.Lock()  # decoding: a forward patches the shared base's MLPs
+        self._cache_lock = threading.Lock()  # the mixture cache only; held for no forward
+        self._building: dict[tuple[Path, ...], threading.Lock] = {}
+        self.builds = 0  # mixtures built so far (read by tests and metrics)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of a prompt; ValueError naming the limit when it is too long or empty."""
@@ -67,19 +73,32 @@ class RoutedGenerator:
         return ids
 
     def _mixture(self, handles: list[ExpertHandle]) -> tuple[MixtureModel, dict[str, ExpertHandle]]:
-        """The mixture over these experts (built once); route name -> handle."""
+        """The mixture over these experts; route name -> handle. Cached, least recently used
+        dropped past ``MAX_MIXTURES``; built (reading and verifying the folders) outside the
+        decoding lock, once per set even when many requests ask for it together."""
         key = tuple(sorted(handle.folder for handle in handles))
-        if key not in self._mixtures:
+        with self._cache_lock:
+            if key in self._mixtures:
+                self._mixtures.move_to_end(key)
+                return self._mixtures[key]
+            building = self._building.setdefault(key, threading.Lock())
+        with building:
+            with self._cache_lock:
+                if key in self._mixtures:
+                    return self._mixtures[key]
             folders = [handle.folder for handle in handles]
             mixture = load_mixture(self.model, folders, top_k=self.top_k).eval()
             by_route = {
                 expert.manifest.expert_id: handle
                 for expert, handle in zip(mixture.experts, handles, strict=True)
             }
-            if len(self._mixtures) >= MAX_MIXTURES:  # bound memory: drop the oldest
-                self._mixtures.pop(next(iter(self._mixtures)))
-            self._mixtures[key] = (mixture, by_route)
-        return self._mixtures[key]
+            with self._cache_lock:
+                self.builds += 1
+                self._mixtures[key] = (mixture, by_route)
+                while len(self._mixtures) > MAX_MIXTURES:
+                    self._mixtures.popitem(last=False)
+                self._building.pop(key, None)
+            return mixture, by_route
 
     def stream(
         self, handles: list[ExpertHandle], prompt: str, max_new_tokens: int
@@ -93,9 +112,9 @@ class RoutedGenerator:
         generated: list[int] = []
         text_so_far = ""
         eos = self.tokenizer.eos_token_id
+        mixture, by_route = self._mixture(handles)
         for _ in range(max_new_tokens):
             with self._lock, torch.inference_mode():
-                mixture, by_route = self._mixture(handles)
                 output, trace = mixture(torch.tensor([ids + generated]), return_routing=True)
                 token = int(output.logits[0, -1].argmax())
                 route = mixture.route_name(int(majority_route(trace)[0, -1]))

@@ -12,9 +12,10 @@ kinds exist:
 Money is :class:`~decimal.Decimal`, stored as exact decimal strings, never float. API keys are
 stored as ``sha256(salt || secret)`` with a per-key random salt and compared in constant time.
 
-Revenue (usage charges and fees) of an expert version is split among the contributors recorded
-for it by :meth:`factory.ledger.Ledger.shares_for`, in proportion to their shares, by the largest
-remainder method at the cent (:func:`split_cents`), so a statement sums exactly to revenue.
+Revenue (usage charges and fees) of an expert version is split among the contributors of the
+cycles that produced that version (:meth:`Licensing.contributor_shares`), in proportion to
+their shares, by the largest remainder method at the cent (:func:`split_cents`), so a statement
+sums exactly to revenue.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -258,8 +260,13 @@ def _lock_expert(session: Session, expert_name: str) -> None:
 class Licensing:
     """Buyers, keys, licences, metering and statements over the ledger's database."""
 
-    def __init__(self, ledger: Ledger):
+    def __init__(
+        self, ledger: Ledger, commission_of: Callable[[str, str], str | None] | None = None
+    ):
+        """``commission_of(expert_name, version)`` names the commission that produced a
+        registered version (its ``commission_id`` tag), or None when unknown."""
         self.ledger = ledger
+        self.commission_of = commission_of
         self.engine = ledger.engine
         Base.metadata.create_all(self.engine)
         for index in Licence.__table__.indexes:  # tables made before the indexes existed
@@ -585,10 +592,18 @@ class Licensing:
         return totals
 
     def contributor_shares(self, expert_name: str, version: str) -> dict[str, Decimal]:
-        """Contributors' shares of an expert version: the cycles recorded for that version,
-        or, when none name it, every cycle recorded for the expert; summed per contributor."""
-        rows = self.ledger.shares_for(expert_name)
-        chosen = [row for row in rows if row.expert_version == version] or rows
+        """Contributors' shares of an expert version, summed per contributor over the cycles
+        that produced it: the cycles of the commission that registered the version (cycle keys
+        ``<commission_id>/cycle-<n>``; the cycles record the adapter sha256 they merged, never
+        the registry's version number), and any cycle recorded under the version itself.
+        Cycles of other versions never count; a version none name is unallocated."""
+        commission = self.commission_of(expert_name, version) if self.commission_of else None
+        chosen = [
+            row
+            for row in self.ledger.shares_for(expert_name)
+            if row.expert_version == version
+            or (commission and row.cycle_key.startswith(commission + "/"))
+        ]
         shares: dict[str, Decimal] = {}
         for row in chosen:
             shares[row.contributor_id] = shares.get(row.contributor_id, Decimal(0)) + Decimal(
