@@ -127,6 +127,8 @@ class BenchmarksSection(_Section):
 
 # The prices a commission may set; the library keeps them as tags of these names.
 PRICE_TAGS = ("price_per_1k_tokens", "weight_fee", "maintenance_fee", "exclusive_premium")
+MAX_AMOUNT = Decimal(10) ** 15  # any fee or price; larger breaks cent-exact statements
+MAX_PLACES = 12
 
 
 def amount(value: Any) -> Decimal:
@@ -137,6 +139,12 @@ def amount(value: Any) -> Decimal:
         raise ValueError(f"{value!r} is not a decimal amount; write it like '0.002'") from None
     if not parsed.is_finite() or parsed < 0:
         raise ValueError(f"{value!r} must be a finite amount >= 0")
+    # Bounded so invoices and statements (cents, 28-digit Decimal context) stay exact and a
+    # '1e999999999' is refused here, not after training; checked before any formatting.
+    _, digits, exponent = parsed.as_tuple()
+    places = -exponent - (len(digits) - len("".join(map(str, digits)).rstrip("0")))
+    if parsed >= MAX_AMOUNT or (parsed and places > MAX_PLACES):
+        raise ValueError(f"{value!r} must be below 1e15, with at most {MAX_PLACES} decimals")
     return parsed
 
 
