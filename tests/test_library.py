@@ -12,28 +12,24 @@ import pytest
 import yaml
 from conftest import build_tiny_expert
 
+from evaluation.benchmark import BenchmarkResult
 from factory.expert import load_expert
-from factory.library import (
-    CHALLENGER,
-    CHAMPION,
-    GATE_REASONS,
-    ExpertLibrary,
-    GateInputs,
-    promotion_gate,
-)
+from factory.library import CHALLENGER, CHAMPION, ExpertLibrary
+from factory.library.promotion import GATE_REASONS, GateInputs, promotion_gate
+from factory.library.provenance import RegistrationProvenance
 from infra.settings import Settings
 
-BENCHMARK = {
-    "table": {
+BENCHMARK = BenchmarkResult(
+    table={
         "base": {"taas_general_cloze": {"acc": 0.5}, "legal_ppl": {"word_perplexity": 80.0}},
         "expert": {"taas_general_cloze": {"acc": 0.55}, "legal_ppl": {"word_perplexity": 40.0}},
     },
-    "tasks": ["taas_general_cloze", "legal_ppl"],
-}
+    tasks=["taas_general_cloze", "legal_ppl"],
+)
 
 
-def provenance(commission: str = "com-1", **extra) -> dict:
-    return {
+def provenance(commission: str = "com-1", **extra) -> RegistrationProvenance:
+    return RegistrationProvenance(**{
         "commission_id": commission,
         "dataset_sha256": "d" * 64,
         "config_hash": "c" * 64,
@@ -44,7 +40,7 @@ def provenance(commission: str = "com-1", **extra) -> dict:
         "licence": "apache-2.0",
         "visibility": "public",
         **extra,
-    }
+    })  # fmt: skip
 
 
 def gate(**overrides) -> GateInputs:
@@ -249,7 +245,11 @@ def test_eight_concurrent_registrations_make_one_version(tiny_expert_folder, tmp
 def test_register_rejects_bad_input(tiny_expert_folder, tmp_path):
     library = ExpertLibrary(Settings(home=tmp_path / "home"))
     with pytest.raises(ValueError, match="commission_id"):
-        library.register(tiny_expert_folder, {"dataset_sha256": "d", "config_hash": "c"})
+        RegistrationProvenance.model_validate({"dataset_sha256": "d", "config_hash": "c"})
+    with pytest.raises(TypeError, match="provenance: pass a"):
+        library.register(tiny_expert_folder, {"commission_id": "c", "dataset_sha256": "d"})
+    with pytest.raises(TypeError, match="benchmark: pass an"):
+        library.register(tiny_expert_folder, provenance(), {"table": {}})
     with pytest.raises(ValueError, match="plots"):
         library.register(tiny_expert_folder, provenance(), None, [tmp_path / "missing.png"])
     with pytest.raises(ValueError, match="not a committed expert folder"):

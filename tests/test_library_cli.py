@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from cli.main import main
+from evaluation.benchmark import BenchmarkResult
 from factory.expert import load_expert
 from factory.library import ExpertLibrary
+from factory.library.provenance import RegistrationProvenance
 from infra.settings import get_settings
 
 
 def test_library_commands(taas_home, tiny_expert_folder, tmp_path, capsys):
     library = ExpertLibrary(get_settings())
-    prov = {"commission_id": "com-cli", "dataset_sha256": "d", "config_hash": "c", "cycles": 1}
-    table = {"expert": {"taas_general_cloze": {"acc": 0.6}}}
+    prov = RegistrationProvenance(
+        commission_id="com-cli", dataset_sha256="d", config_hash="c", cycles=1
+    )
+    table = BenchmarkResult(table={"expert": {"taas_general_cloze": {"acc": 0.6}}})
     library.register(tiny_expert_folder, prov, table)
 
     assert main(["library", "list", "--domain", "legal"]) == 0

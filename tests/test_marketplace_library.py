@@ -10,23 +10,25 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cli.main import main
+from evaluation.benchmark import BenchmarkResult
 from factory.expert import load_expert, save_expert
 from factory.ledger import Ledger
-from factory.library import GateInputs
-from marketplace.licensing import Licensing, period_of
+from factory.library.promotion import GateInputs
+from factory.library.provenance import RegistrationProvenance
 from infra.settings import get_settings
 from marketplace.app import create_app
 from marketplace.catalog import library_catalog
+from marketplace.licensing import Licensing, period_of
 from marketplace.market import Market, MarketplaceConfig
 from marketplace.sample import random_expert
 
-BENCHMARK = {
-    "table": {
+BENCHMARK = BenchmarkResult(
+    table={
         "base": {"law_qa": {"acc": 0.30}},
         "expert": {"law_qa": {"acc": 0.45}},
     },
-    "tasks": ["law_qa"],
-}
+    tasks=["law_qa"],
+)
 
 
 PASSING_GATE = GateInputs(
@@ -41,8 +43,8 @@ PASSING_GATE = GateInputs(
 )
 
 
-def provenance(visibility: str, commission: str = "", **prices: str) -> dict:
-    return {
+def provenance(visibility: str, commission: str = "", **prices: str) -> RegistrationProvenance:
+    return RegistrationProvenance(**{
         "commission_id": f"com-{visibility}{commission}",
         "dataset_sha256": "d" * 64,
         "config_hash": "c" * 64,
@@ -53,7 +55,7 @@ def provenance(visibility: str, commission: str = "", **prices: str) -> dict:
         "licence": "usage+weight",
         "visibility": visibility,
         **prices,
-    }
+    })  # fmt: skip
 
 
 def utc(text: str) -> datetime:

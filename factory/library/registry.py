@@ -3,9 +3,10 @@
 One registered model per expert (named by the manifest's ``expert_id``, e.g. ``expert-legal``);
 each version's source is the run artifact folder ``expert/`` (the committed expert folder), next to
 ``card/README.md`` (model card), ``benchmark/results.json`` (lm-eval) and ``plots/``. Provenance
-lives in version tags (see :data:`PROVENANCE_TAGS`). A new version gets alias ``challenger``; only
-:func:`promotion_gate` makes one ``champion``, and the champion it replaces is pushed onto the
-model's ``champion_history`` tag so :meth:`ExpertLibrary.rollback` can restore it.
+lives in version tags (:mod:`factory.library.provenance`). A new version gets alias
+``challenger``; only the promotion gate (:mod:`factory.library.promotion`) makes one
+``champion``, and the champion it replaces is pushed onto the model's ``champion_history`` tag so
+:meth:`ExpertLibrary.rollback` can restore it.
 
 Dates are ISO-8601 UTC to the second: ``trained_at`` (version tag, written at registration, the
 end of the result's training), ``promoted_at`` (version tag, written each time the version becomes
@@ -15,175 +16,44 @@ time of the version. Prices (decimal strings: ``price_per_1k_tokens``, ``weight_
 may override them later as registered-model tags with :meth:`ExpertLibrary.set_price`.
 
 Exactly once: the idempotency key is sha256(commission id + adapter sha256), kept as a version
-tag. Concurrent registrations of one result race for a unique claim row in the factory database
-(``settings.db_url``, SQLAlchemy): the primary key makes exactly one winner whether the MLflow
-store is embedded SQLite or a server shared by many machines. Losers wait for the winner's version
-and return it; a claim left by a crashed winner is taken over after ``stale_claim_s``.
+tag; concurrent registrations of one result race for its row in the claim table
+(:mod:`factory.library.claims`). Losers wait for the winner's version and return it.
 
 The MLflow client is imported lazily (through :mod:`infra.tracking`) so that the pure
-:func:`promotion_gate` imports without it.
+promotion gate and provenance schema import without it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
-import subprocess
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import String, create_engine, delete, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
-from evaluation.benchmark import LOWER_IS_BETTER, BenchmarkResult
+from evaluation.benchmark import BenchmarkResult
 from factory.commission import PRICE_TAGS, price_amount
 from factory.expert import load_expert
 from factory.hashing import json_sha256
+from factory.library.claims import ClaimTable
+from factory.library.promotion import GateInputs, PromotionDecision, promotion_gate
+from factory.library.provenance import (
+    PROVENANCE_TAGS,
+    RegistrationProvenance,
+    expert_scores,
+    iso_from_millis,
+    utc_now_iso,
+    version_tags,
+)
 from factory.model_card import integration_markdown, model_card
-from infra.atomic import atomic_write_json, atomic_write_text, committed_dir
+from infra.atomic import atomic_write_text
 from infra.settings import Settings
 
 CHALLENGER, CHAMPION = "challenger", "champion"
-GATE_REASONS = (
-    "heldout_batches_differ",
-    "no_pol_gain",
-    "benchmark_missing",
-    "benchmark_regression",
-    "domain_regression",
-)
-PROVENANCE_TAGS = (
-    "commission_id domain expert_id base_model base_model_sha256 dataset_sha256 adapter_sha256 "
-    "config_hash code_version pol_scores wise_ft_alpha cycles contributors licence visibility "
-    "parent_adapter_sha256 benchmark_summary idempotency_key trained_at"
-).split()
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-# ---- promotion gate (pure) --------------------------------------------------------------------
-
-
-class GateInputs(BaseModel):
-    """Numbers the gate compares; "reference" is the champion (the base when there is none).
-
-    Benchmarks are keyed ``"task/metric"``; losses are mean token cross-entropy on held-out
-    batches identified by the sha256 of their token ids.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    candidate_heldout_loss: float
-    reference_heldout_loss: float
-    candidate_batches_sha256: str
-    reference_batches_sha256: str
-    candidate_benchmarks: dict[str, float]
-    reference_benchmarks: dict[str, float]
-    other_domain_losses_before: dict[str, float]
-    other_domain_losses_after: dict[str, float]
-    benchmark_tolerance: float = Field(default=0.02, ge=0)
-    domain_tolerance: float = Field(default=0.02, ge=0)
-
-
-class PromotionDecision(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    promote: bool
-    reasons: list[str]
-    pol_gain: float
-    benchmark_regressions: dict[str, float]
-    domain_regressions: dict[str, float]
-    previous_champion: str | None = None
-
-
-def _regression(key: str, reference: float, candidate: float) -> float:
-    """Relative worsening, > 0 when worse: (ref - cand)/|ref| for higher-is-better metrics,
-    (cand - ref)/|ref| for lower-is-better ones; the absolute difference when ref is 0."""
-    worse = (
-        candidate - reference
-        if key.rsplit("/", 1)[-1] in LOWER_IS_BETTER
-        else (reference - candidate)
-    )
-    return worse / abs(reference) if reference != 0 else worse
-
-
-def promotion_gate(inputs: GateInputs) -> PromotionDecision:
-    """Promote iff all hold: same held-out batches; PoL gain = reference loss - candidate loss
-    > 0; no reference benchmark missing or worse than ``benchmark_tolerance`` (relative); no
-    other domain's loss up by more than ``domain_tolerance`` (relative: after/before - 1)."""
-    numbers = [inputs.candidate_heldout_loss, inputs.reference_heldout_loss]
-    numbers += list(inputs.candidate_benchmarks.values()) + list(
-        inputs.reference_benchmarks.values()
-    )
-    if not all(math.isfinite(x) for x in numbers):
-        raise ValueError("gate_inputs: losses and benchmarks must be finite numbers")
-    reasons = []
-    if inputs.candidate_batches_sha256 != inputs.reference_batches_sha256:
-        reasons.append("heldout_batches_differ")
-    pol_gain = inputs.reference_heldout_loss - inputs.candidate_heldout_loss
-    if not pol_gain > 0:
-        reasons.append("no_pol_gain")
-    missing = sorted(set(inputs.reference_benchmarks) - set(inputs.candidate_benchmarks))
-    if missing:
-        reasons.append("benchmark_missing")
-    bench = {
-        key: _regression(key, ref, inputs.candidate_benchmarks[key])
-        for key, ref in sorted(inputs.reference_benchmarks.items())
-        if key in inputs.candidate_benchmarks
-    }
-    if any(value > inputs.benchmark_tolerance for value in bench.values()):
-        reasons.append("benchmark_regression")
-    domains = {}
-    for domain, before in sorted(inputs.other_domain_losses_before.items()):
-        after = inputs.other_domain_losses_after.get(domain, math.inf)
-        domains[domain] = after / before - 1.0 if before > 0 else after - before
-    if any(value > inputs.domain_tolerance for value in domains.values()):
-        reasons.append("domain_regression")
-    return PromotionDecision(
-        promote=not reasons,
-        reasons=reasons,
-        pol_gain=pol_gain,
-        benchmark_regressions=bench,
-        domain_regressions=domains,
-    )
-
-
-# ---- registration inputs and results ----------------------------------------------------------
-
-
-class RegistrationProvenance(BaseModel):
-    """Provenance of one accepted result, stored as version tags."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    commission_id: str = Field(min_length=1)
-    dataset_sha256: str
-    config_hash: str
-    pol_scores: dict[str, float] = Field(default_factory=dict)
-    wise_ft_alpha: float | None = None
-    cycles: int = Field(default=0, ge=0)
-    contributors: dict[str, str] = Field(default_factory=dict)  # id -> exact decimal share
-    licence: str = "apache-2.0"
-    visibility: Literal["private", "public"] = "private"
-    parent_adapter_sha256: str = ""
-    code_version: str | None = None
-    # Prices from the commission's licence section (exact decimal strings); None: not priced.
-    price_per_1k_tokens: str | None = None
-    weight_fee: str | None = None
-    maintenance_fee: str | None = None
-    exclusive_premium: str | None = None
-
-    @field_validator(*PRICE_TAGS)
-    @classmethod
-    def _price(cls, value: str | None, info) -> str | None:
-        return None if value is None else price_amount(info.field_name, value)
 
 
 @dataclass
@@ -205,64 +75,6 @@ class LibraryVersion:
         return json.loads(self.tags.get("benchmark_scores", "{}"))
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class RegistrationClaim(_Base):
-    __tablename__ = "library_registration_claims"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(64))
-    claimed_at: Mapped[float]
-    version: Mapped[str | None] = mapped_column(String(32), default=None)
-
-
-def code_version() -> str:
-    """The git commit of the checkout, else the installed package version."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass  # no git here: fall back to the package version below
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"taas-factory=={version('taas-factory')}"
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _expert_scores(result: BenchmarkResult) -> tuple[dict, dict | None]:
-    """(expert scores, base scores): the 'expert' model, else the first one not named 'base'."""
-    names = [n for n in result.table if n != "base"]
-    chosen = "expert" if "expert" in result.table else (names[0] if names else None)
-    return (result.table.get(chosen, {}) if chosen else {}), result.table.get("base")
-
-
-def utc_now_iso() -> str:
-    """Now, ISO-8601 UTC to the second (e.g. ``2026-03-01T09:30:00+00:00``)."""
-    return datetime.now(UTC).replace(microsecond=0).isoformat()
-
-
-def _iso_from_millis(millis: int | None) -> str:
-    if not millis:
-        return ""
-    return datetime.fromtimestamp(millis / 1000, UTC).replace(microsecond=0).isoformat()
-
-
-def _summary(scores: dict[str, dict[str, float]]) -> str:
-    parts = [f"{t}/{m}={v:.4g}" for t in sorted(scores) for m, v in sorted(scores[t].items())]
-    return "; ".join(parts)[:500]
-
-
-# ---- the library ------------------------------------------------------------------------------
-
-
 class ExpertLibrary:
     """Registration, promotion, rollback, browsing and export of experts over the registry."""
 
@@ -272,15 +84,8 @@ class ExpertLibrary:
         self.settings = settings
         self._t = tracking
         self.tracking = tracking.configure(settings)
-        self.stale_claim_s = stale_claim_s
         self.wait_s = wait_s
-        connect_args = {"timeout": 60} if settings.db_url.startswith("sqlite") else {}
-        if settings.db_url.startswith("sqlite:///"):
-            Path(settings.db_url.removeprefix("sqlite:///")).parent.mkdir(
-                parents=True, exist_ok=True
-            )
-        self._engine = create_engine(settings.db_url, connect_args=connect_args)
-        _Base.metadata.create_all(self._engine)
+        self._claims = ClaimTable(settings.db_url, stale_s=stale_claim_s)
 
     # -- lookups --
 
@@ -293,7 +98,7 @@ class ExpertLibrary:
             source=mv.source,
             aliases=sorted(mv.aliases or []),
             tags=dict(mv.tags),
-            created_at=_iso_from_millis(mv.creation_timestamp),
+            created_at=iso_from_millis(mv.creation_timestamp),
         )
 
     def _resolve(self, name: str, ref: str | None = None) -> LibraryVersion:
@@ -319,48 +124,22 @@ class ExpertLibrary:
 
     # -- registration --
 
-    def _claim(self, key: str) -> str | None:
-        """Inserts the claim row; returns the owner token when this caller won, else None."""
-        owner = uuid.uuid4().hex
-        try:
-            with Session(self._engine) as session, session.begin():
-                session.add(RegistrationClaim(key=key, owner=owner, claimed_at=time.time()))
-            return owner
-        except IntegrityError:
-            pass  # another registration holds the key: take over only a stale, unfinished claim
-        with Session(self._engine) as session, session.begin():
-            row = session.get(RegistrationClaim, key)
-            if row is None or row.version is not None:
-                return None
-            if time.time() - row.claimed_at < self.stale_claim_s:
-                return None
-            taken = session.execute(
-                update(RegistrationClaim)
-                .where(RegistrationClaim.key == key, RegistrationClaim.owner == row.owner)
-                .values(owner=owner, claimed_at=time.time())
-            )
-            return owner if taken.rowcount == 1 else None
-
-    def _settle_claim(self, key: str, owner: str, version: str | None) -> None:
-        with Session(self._engine) as session, session.begin():
-            where = (RegistrationClaim.key == key, RegistrationClaim.owner == owner)
-            if version is None:
-                session.execute(delete(RegistrationClaim).where(*where))
-            else:
-                session.execute(update(RegistrationClaim).where(*where).values(version=version))
-
     def register(
         self,
         expert_folder: Path,
-        provenance: dict[str, Any],
-        benchmark: BenchmarkResult | dict | None = None,
+        provenance: RegistrationProvenance,
+        benchmark: BenchmarkResult | None = None,
         plots: list[Path] | None = None,
         run_id: str | None = None,
     ) -> LibraryVersion:
         """Registers one accepted result exactly once and gives it alias ``challenger``."""
+        if not isinstance(provenance, RegistrationProvenance):
+            raise TypeError("provenance: pass a factory.library.RegistrationProvenance")
+        if benchmark is not None and not isinstance(benchmark, BenchmarkResult):
+            raise TypeError("benchmark: pass an evaluation.benchmark.BenchmarkResult or None")
         expert = load_expert(Path(expert_folder))
         manifest = expert.manifest
-        prov = RegistrationProvenance.model_validate(provenance)
+        prov = provenance
         name = manifest.expert_id
         if not _NAME.match(name):
             raise ValueError(f"expert_id: {name!r} is not a registry name; use [A-Za-z0-9_.-]")
@@ -374,7 +153,7 @@ class ExpertLibrary:
             existing = self.find(name, key)
             if existing is not None:
                 return existing
-            owner = self._claim(key)
+            owner = self._claims.claim(key)
             if owner is not None:
                 break
             if time.monotonic() > deadline:
@@ -385,41 +164,15 @@ class ExpertLibrary:
             if existing is None:
                 existing = self._create(expert_folder, expert, prov, key, benchmark, plots, run_id)
         except BaseException:
-            self._settle_claim(key, owner, None)
+            self._claims.settle(key, owner, None)
             raise
-        self._settle_claim(key, owner, existing.version)
+        self._claims.settle(key, owner, existing.version)
         return existing
 
     def _create(self, folder, expert, prov, key, benchmark, plots, run_id) -> LibraryVersion:
         t, manifest = self._t, expert.manifest
-        if isinstance(benchmark, dict):
-            benchmark = BenchmarkResult.from_dict(
-                benchmark if "table" in benchmark else {"table": benchmark}
-            )
-        scores, base_scores = _expert_scores(benchmark) if benchmark else ({}, None)
-        tags = {
-            "commission_id": prov.commission_id,
-            "domain": manifest.domain,
-            "expert_id": manifest.expert_id,
-            "base_model": manifest.base_model,
-            "base_model_sha256": manifest.base_model_sha256,
-            "dataset_sha256": prov.dataset_sha256,
-            "adapter_sha256": manifest.adapter_sha256,
-            "config_hash": prov.config_hash,
-            "code_version": prov.code_version or code_version(),
-            "pol_scores": json.dumps(prov.pol_scores, sort_keys=True),
-            "wise_ft_alpha": "" if prov.wise_ft_alpha is None else repr(prov.wise_ft_alpha),
-            "cycles": str(prov.cycles),
-            "contributors": json.dumps(prov.contributors, sort_keys=True),
-            "licence": prov.licence,
-            "visibility": prov.visibility,
-            "parent_adapter_sha256": prov.parent_adapter_sha256,
-            "benchmark_summary": _summary(scores),
-            "benchmark_scores": json.dumps(scores, sort_keys=True)[: t.MAX_TAG_CHARS],
-            "idempotency_key": key,
-            "trained_at": utc_now_iso(),
-        }
-        tags.update({k: getattr(prov, k) for k in PRICE_TAGS if getattr(prov, k) is not None})
+        scores, base_scores = expert_scores(benchmark)
+        tags = version_tags(manifest, prov, key, scores, t.MAX_TAG_CHARS)
         t.ensure_registered_model(
             self.tracking, manifest.expert_id, tags={"domain": manifest.domain}
         )
@@ -592,24 +345,23 @@ class ExpertLibrary:
         return dest
 
     def export(self, name: str, ref: str | None, dest: Path) -> Path:
-        """A weight bundle: adapter, router rows, manifest, model card, results, INTEGRATION.md."""
+        """A weight bundle (:func:`factory.bundle.write_bundle`: only weights, router, manifest,
+        model card, INTEGRATION.md, library.json) in a new or empty folder ``dest``."""
+        from factory.bundle import write_bundle
+
         v = self._resolve(name, ref)
         dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise ValueError(f"dest: {dest} exists and is not an empty folder; choose a new folder")
         with tempfile.TemporaryDirectory(prefix="taas-export-") as scratch:
             expert_dir = self.download(name, v.version, Path(scratch) / "expert")
             manifest = load_expert(expert_dir).manifest
             card = self._t.download_run_artifacts(self.tracking, v.run_id, "card", Path(scratch))
-            with committed_dir(dest, overwrite=True) as tmp:
-                for item in sorted(expert_dir.iterdir()):
-                    if item.name != "COMMITTED.json":
-                        shutil.copy2(item, tmp / item.name)
-                shutil.copy2(card / "README.md", tmp / "README.md")
-                hint = str(self.settings.base_model_dir or f"<folder of {manifest.base_model}>")
-                atomic_write_text(tmp / "INTEGRATION.md", integration_markdown(manifest, hint))
-                atomic_write_json(
-                    tmp / "library.json",
-                    {"name": name, "version": v.version, "aliases": v.aliases, "tags": v.tags},
-                )
+            hint = str(self.settings.base_model_dir or f"<folder of {manifest.base_model}>")
+            meta = {"name": name, "version": v.version, "aliases": v.aliases, "tags": v.tags}
+            write_bundle(
+                dest, expert_dir, card / "README.md", integration_markdown(manifest, hint), meta
+            )
         return dest
 
     def resolve_expert_folder(self, name_or_alias: str) -> Path:
