@@ -1,0 +1,79 @@
+"""What a weight bundle may hold: weights, router, manifest, model card and integration files.
+
+A bundle (``taas library export`` and the marketplace's weight download) is built from an
+expert folder, which over time may carry more than a buyer should get (experts composed before
+:mod:`factory.replay` kept 64 rows of the customer's training text as ``replay.jsonl``). So a
+bundle is an allowlist, not a copy: :func:`bundle_members` names, from the folder's commit
+marker, the files of :data:`BUNDLE_FILES` that are regular files (never symlinks) and match the
+marker's sha256. Anything else -- customer data, stray files, files added after the commit -- is
+left out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+from factory.expert import ADAPTER_CONFIG, ADAPTER_FILE, MANIFEST_FILE, NULL_ROUTE_FILE, ROUTER_FILE
+from infra.atomic import MARKER, atomic_write_json, atomic_write_text, committed_dir, sha256_file
+
+CARD_FILE = "README.md"
+INTEGRATION_FILE = "INTEGRATION.md"
+LIBRARY_FILE = "library.json"
+WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_FILE, ROUTER_FILE, MANIFEST_FILE, NULL_ROUTE_FILE)
+BUNDLE_FILES = frozenset({*WEIGHT_FILES, CARD_FILE, INTEGRATION_FILE, LIBRARY_FILE, MARKER})
+
+
+class TornExpert(ValueError):
+    """The folder's files do not match its commit marker."""
+
+
+def bundle_members(folder: Path) -> list[str]:
+    """Names of the weight files of a committed expert folder that may go into a bundle.
+
+    Raises :class:`TornExpert` when the marker is missing or an allowed file differs from it.
+    """
+    folder = Path(folder)
+    try:
+        listing = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TornExpert(f"{folder}: no valid commit marker") from None
+    members = []
+    for rel in sorted(listing):
+        if rel not in WEIGHT_FILES:
+            continue  # not a deliverable (e.g. replay.jsonl), or not top level
+        path = folder / rel
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            raise TornExpert(f"{folder}: {rel} is listed but missing") from None
+        if not stat.S_ISREG(mode) or sha256_file(path) != listing[rel]:
+            raise TornExpert(f"{folder}: {rel} is not the committed file")
+        members.append(rel)
+    return members
+
+
+def write_bundle(
+    dest: Path, expert_dir: Path, card: Path, integration: str, library_meta: dict
+) -> Path:
+    """Writes a weight bundle as a new committed folder ``dest``: :func:`bundle_members` of
+    ``expert_dir``, the model card, INTEGRATION.md and library.json.
+
+    ``dest`` must not exist or be an empty folder: the user's files are never replaced or deleted
+    (an empty folder is removed first, so a file appearing meanwhile makes the commit fail).
+    """
+    dest = Path(dest)
+    if dest.is_symlink() or dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"dest: {dest} exists and is not an empty folder; choose a new folder")
+    members = bundle_members(expert_dir)
+    if dest.is_dir():
+        dest.rmdir()  # empty; fails (and nothing is lost) if a file appeared meanwhile
+    with committed_dir(dest) as tmp:
+        for rel in members:
+            shutil.copyfile(expert_dir / rel, tmp / rel)
+        shutil.copyfile(card, tmp / CARD_FILE)
+        atomic_write_text(tmp / INTEGRATION_FILE, integration)
+        atomic_write_json(tmp / LIBRARY_FILE, library_meta)
+    return dest
