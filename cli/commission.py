@@ -56,13 +56,16 @@ def _storage_failure(exc: Exception) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from factory.data.prepare import base_model_folder, prepare_data
+    from factory.base_model import resolve_base_model
+    from factory.data.prepare import prepare_data
     from infra.storage import StorageError
 
     spec = load_spec(args.spec)
     settings = _settings()
     print(f"spec ok: {args.spec} (domain {spec.domain}, sha256 {spec_sha256(spec)[:12]})")
-    base = base_model_folder(spec, settings)
+    ref = resolve_base_model(spec.base_model, settings)
+    print(f"base model: {ref.name} sha256 {ref.sha256[:12]} ({ref.path})")
+    base = ref.path
     with tempfile.TemporaryDirectory(prefix="taas-validate-") as scratch:
         try:
             prepared = prepare_data(spec, base, Path(scratch) / "data", settings)
@@ -91,8 +94,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    load_spec(args.spec)
+    from factory.base_model import resolve_base_model
+
+    spec = load_spec(args.spec)
     settings = _settings()
+    # The base is refused here as in validate (one line, nothing written), not inside the flow.
+    resolve_base_model(spec.base_model, settings)
     try:
         from flows.commission import run_commission
     except ModuleNotFoundError as exc:

@@ -4,8 +4,9 @@
 
 Each ``--experts`` item is an expert name resolved through the library (when the library module
 is installed) or else an expert folder. The base model is ``--base``, else the settings'
-``base_model_dir``, else the embedded preset whose name the experts' manifests carry; its hash
-must match theirs. Prints the generated text, then one line per token: the token and its route.
+``base_model_dir``, else the built-in preset whose name the experts' manifests carry; its hash
+must match theirs. ``--chat`` sends the prompt as a user turn through the base's chat template.
+Prints the generated text, then one line per token: the token and its route.
 """
 
 from __future__ import annotations
@@ -54,20 +55,32 @@ def resolve_folders(values: list[str], resolver: Callable[[str], Path] | None = 
 
 
 def _base_folder(explicit: Path | None, manifests) -> Path:
-    from factory.base_model import PRESETS, base_model_sha256, ensure_base_model
+    from factory.base_model import (
+        PRESETS,
+        REAL_PRESETS,
+        base_model_sha256,
+        folder_ref,
+        resolve_base_model,
+    )
+    from factory.commission import BaseModelSection
     from infra.settings import get_settings
 
     wanted = {m.base_model_sha256 for m in manifests}
     if len(wanted) != 1:
         raise ValueError("--experts: the experts were trained on different base models")
     settings = get_settings()
-    folder = explicit or settings.base_model_dir
-    if folder is None:
+    if explicit is not None:
+        folder = folder_ref(explicit).path  # checked like a spec's base_model.path
+    elif settings.base_model_dir is not None:
+        folder = resolve_base_model(BaseModelSection(), settings).path
+    else:
         names = {m.base_model for m in manifests}
-        presets = [key for key, preset in PRESETS.items() if preset.name in names]
+        known = {p.name: key for key, p in [*PRESETS.items(), *REAL_PRESETS.items()]}
+        presets = [known[n] for n in sorted(names) if n in known]
         if not presets:
-            raise ValueError(f"--base: no embedded preset named {sorted(names)}; pass --base")
-        folder = ensure_base_model(settings.ensure_home(), presets[0]).path
+            raise ValueError(f"--base: no built-in preset named {sorted(names)}; pass --base")
+        settings.ensure_home()
+        folder = resolve_base_model(BaseModelSection(preset=presets[0]), settings).path
     if base_model_sha256(Path(folder)) not in wanted:
         raise ValueError(f"--base: {folder} is not the base model the experts were trained on")
     return Path(folder)
@@ -87,6 +100,7 @@ def load_generate_mixture(folders: list[Path], base: Path | None, top_k: int):
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from factory.base_model import format_prompt
     from factory.mixture import generate_with_routes
 
     names = [v.strip() for v in args.experts.split(",") if v.strip()]
@@ -96,8 +110,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     mixture, tokenizer = load_generate_mixture(resolve_folders(names), args.base, args.top_k)
     torch.manual_seed(args.seed)
+    prompt = format_prompt(tokenizer, args.prompt, chat=args.chat)
     text, routed = generate_with_routes(
-        mixture, tokenizer, args.prompt, args.max_new_tokens, greedy=not args.sample, seed=args.seed
+        mixture, tokenizer, prompt, args.max_new_tokens, greedy=not args.sample, seed=args.seed
     )
     print(args.prompt + text)
     for token, route in routed:
@@ -114,4 +129,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--chat", action="store_true", help="the prompt is a user turn: apply the chat template"
+    )
     parser.set_defaults(handler=run_generate)

@@ -19,7 +19,9 @@ GROUPS = ("commission", "library", "generate", "marketplace", "demo")
 def _offline_environment() -> None:
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from infra.hardware import accelerator_env
+
+    os.environ.update(accelerator_env())  # DS_ACCELERATOR=cpu only where CUDA is absent
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

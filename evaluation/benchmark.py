@@ -201,9 +201,20 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _make_lm(base_model_path: Path, spec: Any, batch_size: int):
+    import torch
     from lm_eval.models.huggingface import HFLM
 
-    common = {"device": "cpu", "dtype": "float32", "batch_size": batch_size}
+    from infra.hardware import select_precision, torch_device
+
+    # The device follows the model's: an instantiated model is evaluated where it lives; a
+    # folder is loaded on CUDA (in bf16 where supported) when there is one, else on the CPU.
+    if isinstance(spec, torch.nn.Module):
+        param = next(spec.parameters())
+        device, dtype = str(param.device), str(param.dtype).removeprefix("torch.")
+    else:
+        device = torch_device()
+        dtype = "bfloat16" if select_precision("auto") == "bf16" else "float32"
+    common = {"device": device, "dtype": dtype, "batch_size": batch_size}
     if spec is None:
         return HFLM(pretrained=str(base_model_path), **common)
     if isinstance(spec, str | Path):
@@ -211,7 +222,6 @@ def _make_lm(base_model_path: Path, spec: Any, batch_size: int):
         if not (folder / "adapter_config.json").is_file():
             raise ValueError(f"models: {folder} is not an adapter folder (no adapter_config.json)")
         return HFLM(pretrained=str(base_model_path), peft=str(folder), **common)
-    import torch
     from transformers import AutoTokenizer
 
     if not isinstance(spec, torch.nn.Module):

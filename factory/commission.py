@@ -53,9 +53,28 @@ class DataSource(_Section):
         return value
 
 
+BASE_PRESETS = ("smollm2-135m-instruct", "demo", "tiny")
+
+
 class BaseModelSection(_Section):
-    name: str = "taas-embedded-demo"
-    preset: Literal["demo", "tiny"] = "demo"
+    """The shared base, named one way: ``path`` (a local Hugging Face folder), ``gguf`` (a local
+    GGUF file, imported once) or ``preset`` (built in; the default, when none is given, is
+    ``smollm2-135m-instruct``). ``name`` labels it in provenance (default: the base's own name).
+    Checked and resolved by :func:`factory.base_model.resolve_base_model`."""
+
+    name: str | None = Field(default=None, min_length=1)
+    path: Path | None = None
+    gguf: Path | None = None
+    preset: Literal["smollm2-135m-instruct", "demo", "tiny"] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> BaseModelSection:
+        given = [k for k in ("path", "gguf", "preset") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"name the base one way: path, gguf or preset (got {given})")
+        if not given:
+            object.__setattr__(self, "preset", BASE_PRESETS[0])
+        return self
 
 
 class ExpertSection(_Section):
@@ -260,6 +279,8 @@ def parse_spec(data: Any, base_dir: Path | None = None) -> CommissionSpec:
         raise ValueError("spec: field 'version' is required; add 'version: 1' at the top")
     if base_dir is not None and isinstance(data.get("data"), list):
         data = dict(data, data=[_resolve_source(s, base_dir) for s in data["data"]])
+    if base_dir is not None and isinstance(data.get("base_model"), dict):
+        data = dict(data, base_model=_resolve_base_paths(data["base_model"], base_dir))
     try:
         return CommissionSpec.model_validate(data)
     except ValidationError as exc:
@@ -274,6 +295,16 @@ def _resolve_source(source: Any, base_dir: Path) -> Any:
         return source
     # Joined, not resolved: '..' must stay visible to the URI validator.
     return dict(source, uri=str(Path(base_dir).absolute() / uri))
+
+
+def _resolve_base_paths(section: dict, base_dir: Path) -> dict:
+    """base_model.path / .gguf relative to the spec file's folder, like data URIs."""
+    return {
+        k: str(Path(base_dir).absolute() / Path(v).expanduser())
+        if k in ("path", "gguf") and isinstance(v, str) and v
+        else v
+        for k, v in section.items()
+    }
 
 
 def load_spec(path: Path | str) -> CommissionSpec:

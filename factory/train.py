@@ -71,6 +71,10 @@ class TrainConfig(BaseModel):
     target_modules: list[str]
     zero_stage: int = Field(ge=0, le=3)
     precision: Literal["fp32", "bf16"]
+    # A user's DeepSpeed config JSON merged over the worker's (infra.hardware); the sha256 of
+    # its bytes puts the overlay in the config hash, so a changed overlay never resumes.
+    ds_config_overlay: Path | None = None
+    ds_config_overlay_sha256: str | None = None
     checkpoint_dir: Path
     checkpoint_every: int = Field(ge=1)
     keep_last: int = Field(default=2, ge=1)
@@ -90,6 +94,8 @@ class TrainConfig(BaseModel):
             raise ValueError("shard_index must be < num_shards")
         if (self.init_adapter is None) != (self.parent_adapter_sha256 is None):
             raise ValueError("init_adapter and parent_adapter_sha256: give both or neither")
+        if (self.ds_config_overlay is None) != (self.ds_config_overlay_sha256 is None):
+            raise ValueError("ds_config_overlay and ds_config_overlay_sha256: give both or neither")
         return self
 
     def sha256(self) -> str:
@@ -198,7 +204,20 @@ def _clips_locally(config: TrainConfig) -> bool:
     return config.zero_stage == 0 and config.precision == "fp32"
 
 
-def _ds_config(config: TrainConfig, world: int) -> dict:
+def ds_config(config: TrainConfig, world: int) -> dict:
+    """The DeepSpeed config the line runs with: the worker's own, with the user's overlay
+    (validated, hash-checked) deep-merged over it. Written beside the checkpoints."""
+    from infra.hardware import deep_merge, read_ds_overlay
+
+    own = _own_ds_config(config, world)
+    if config.ds_config_overlay is None:
+        return own
+    return deep_merge(
+        own, read_ds_overlay(config.ds_config_overlay, config.ds_config_overlay_sha256)
+    )
+
+
+def _own_ds_config(config: TrainConfig, world: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum,
@@ -225,9 +244,11 @@ def run(config: TrainConfig, rank: int) -> int:
     from factory.candidate import CandidateManifest, write_candidate
     from factory.hashing import tensors_sha256
     from factory.signing import load_private_key
+    from infra.atomic import atomic_write_json
+    from infra.hardware import dist_backend
 
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    deepspeed.init_distributed(dist_backend=dist_backend(on_gpu))
     world = dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else None
     if device is not None:
@@ -246,12 +267,16 @@ def run(config: TrainConfig, rank: int) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps)
     )
+    line_ds_config = ds_config(config, world)
+    if rank == 0:  # what this line ran with, beside its checkpoints
+        Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(config.checkpoint_dir) / "ds_config.json", line_ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         model_parameters=trainable,
-        config=_ds_config(config, world),
+        config=line_ds_config,
     )
 
     def barrier() -> None:
@@ -422,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         config = load_config(args.config)
-        if config.precision == "bf16" and not torch.cuda.is_available():
-            raise ValueError("precision: bf16 needs a GPU; use fp32 on CPU")
+        from infra.hardware import select_precision
+
+        select_precision(config.precision)  # bf16 without CUDA: a bad config, not a crash
         from factory.base_model import base_model_sha256
 
         if base_model_sha256(config.base_model_path) != config.base_model_sha256:
@@ -473,6 +499,10 @@ def check_inputs(config: TrainConfig) -> None:
         load_private_key(config.key_path)
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"key_path: {config.key_path} is not a readable ed25519 key") from exc
+    if config.ds_config_overlay is not None:
+        from infra.hardware import read_ds_overlay
+
+        read_ds_overlay(config.ds_config_overlay, config.ds_config_overlay_sha256)
 
 
 if __name__ == "__main__":

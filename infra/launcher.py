@@ -131,7 +131,10 @@ class Job:
 
     def __init__(self, command: list[str], env: dict[str, str] | None, log_path: Path | None):
         self.log_path = Path(log_path) if log_path else None
-        full_env = {**os.environ, **(env or {}), **owner_env()}
+        from infra.hardware import accelerator_env
+
+        # DS_ACCELERATOR=cpu only where CUDA is absent (on a GPU host DeepSpeed finds CUDA).
+        full_env = {**os.environ, **accelerator_env(), **(env or {}), **owner_env()}
         self.proc = subprocess.Popen(
             command,
             env=full_env,

@@ -61,7 +61,14 @@ class Settings(BaseSettings):
     )
     s3_bucket_allowlist: list[str] = Field(default_factory=list)
     base_model_dir: Path | None = Field(
-        default=None, description="default: <home>/base/<name>; built on first use"
+        default=None,
+        description="a local HF folder replacing the spec's preset; checked like base_model.path",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 on a CUDA device that supports it, else fp32"
+    )
+    ds_config_overlay: Path | None = Field(
+        default=None, description="JSON object deep-merged over each line's DeepSpeed config"
     )
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     hostfile: Path | None = None

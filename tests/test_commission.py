@@ -20,7 +20,7 @@ def _spec(**changes) -> dict:
 
 def test_defaults():
     spec = parse_spec(MINIMAL)
-    assert spec.base_model.name == "taas-embedded-demo" and spec.base_model.preset == "demo"
+    assert spec.base_model.name is None and spec.base_model.preset == "smollm2-135m-instruct"
     assert (spec.expert.rank, spec.expert.alpha) == (8, 16)
     assert spec.expert.target_modules == ["gate_proj", "up_proj", "down_proj"]
     b = spec.budget

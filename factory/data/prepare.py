@@ -225,12 +225,9 @@ def _copy_blocks(source: Path, dest: Path, keep: int, total: int) -> None:
 
 
 def base_model_folder(spec: CommissionSpec, settings: Settings) -> Path:
-    """The base model folder: ``Settings.base_model_dir`` or the built-in preset (built once)."""
-    if settings.base_model_dir is not None:
-        folder = Path(settings.base_model_dir)
-        if not (folder / "tokenizer.json").is_file():
-            raise ValueError(f"base_model_dir: {folder} holds no tokenizer.json; fix the setting")
-        return folder
-    from factory.base_model import ensure_base_model
+    """The checked base model folder the spec names (see
+    :func:`factory.base_model.resolve_base_model`: ``path``, ``gguf``, ``Settings.base_model_dir``
+    or a preset, built or imported once)."""
+    from factory.base_model import resolve_base_model
 
-    return ensure_base_model(settings.home, spec.base_model.preset).path
+    return resolve_base_model(spec.base_model, settings).path
