@@ -41,7 +41,8 @@ def legacy_folder(source: Path, folder: Path) -> Path:
     expert = load_expert(source)
     layers, hidden = expert.router.shape
     null_route = expert.null_route or {
-        "null_rows": torch.zeros(layers, hidden), "null_bias": torch.zeros(layers)
+        "null_rows": torch.zeros(layers, hidden),
+        "null_bias": torch.zeros(layers),
     }
     extras = {
         "replay.jsonl": (json.dumps({"text": CUSTOMER_ROW}) + "\n").encode(),
