@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from factory.hashing import json_sha256
+from merging.methods import MethodName
 
 FORMATS = ("jsonl", "json", "parquet", "csv", "txt")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -109,7 +110,10 @@ class HeldoutSection(_Section):
 
 
 class MergeSection(_Section):
-    space: Literal["delta", "factors"] = "delta"
+    """The cycle's merge: exactly the fields of :class:`merging.cycle_merge.MergeConfig` (which
+    the cycle validates from it), with defaults; ``space`` is a registered merge method."""
+
+    space: MethodName = "delta"
     outer_lr: float = Field(default=1.0, gt=0)
     top_k: int | None = Field(default=None, ge=1)
     power: float = Field(default=1.0, gt=0)
@@ -132,7 +136,11 @@ class WiseFtSection(_Section):
 
 
 class RouterSection(_Section):
+    """Router annealing; :meth:`merging.router_annealing.AnnealConfig.for_commission` turns it
+    into the annealer's config (same field names)."""
+
     steps: int = Field(default=40, ge=0)
+    lr: float = Field(default=5e-2, gt=0)
     temperature_start: float = Field(default=2.0, gt=0)
     temperature_end: float = Field(default=0.3, gt=0)
     schedule: Literal["cosine", "linear", "exponential"] = "cosine"

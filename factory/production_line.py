@@ -2,15 +2,12 @@
 
 :func:`plan_lines` is pure: line k is contributor ``line-<k>``, seed ``base_seed + k``, data shard
 ``k mod num_shards``, plus optional per-line hyperparameter overrides. :func:`ensure_line_keys`
-gives each line an ed25519 key under ``<home>/keys/<contributor>.pem`` registered in the ledger,
-and :func:`run_lines` runs the lines with a concurrency limit (threads, each waiting on its own
-launcher subprocess group).
+gives each line an ed25519 key under ``<home>/keys/<contributor>.pem`` registered in the ledger.
+The cycle flow runs each line as a Prefect task (:func:`tasks.training.train_line`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,23 +77,3 @@ def ensure_line_keys(home: Path, ledger: Ledger, lines: list[LineSpec]) -> dict[
         paths[line.contributor_id] = path
     return paths
 
-
-def run_lines(
-    lines: list[LineSpec],
-    run_line: Callable[[LineSpec], dict],
-    max_concurrent: int,
-) -> list[dict]:
-    """Runs ``run_line`` for every line, at most ``max_concurrent`` at a time; results in line
-    order. A line that raises yields {"outcome": "retryable", "reason": "error: ..."} so one
-    broken line never takes the others down."""
-    if max_concurrent < 1:
-        raise ValueError("max_concurrent must be >= 1")
-
-    def guarded(line: LineSpec) -> dict:
-        try:
-            return run_line(line)
-        except Exception as exc:  # one line's infrastructure failure is reported, not raised
-            return {"outcome": "retryable", "reason": f"error: {exc}", "line": line.index}
-
-    with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="line") as pool:
-        return list(pool.map(guarded, lines))

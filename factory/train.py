@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from factory.commission import BudgetSection, ExpertSection
 from factory.hashing import json_sha256
 from infra.launcher import EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_WORKER_ERROR, watch_owner
 
@@ -101,6 +102,37 @@ class TrainConfig(BaseModel):
     def sha256(self) -> str:
         body = self.model_dump(mode="json", exclude=set(_TEST_KNOBS))
         return json_sha256(body)
+
+    @classmethod
+    def for_line(
+        cls,
+        budget: BudgetSection,
+        expert: ExpertSection,
+        precision: Literal["fp32", "bf16"],
+        **line: object,
+    ) -> TrainConfig:
+        """One production line's config: the commission's ``budget`` and ``expert`` sections
+        mapped onto the worker's names, plus the line's own fields (paths, seed, shard, key).
+
+        Derived, not copied: warmup is a tenth of the steps and a checkpoint is written every
+        quarter of them (at least one step each), so a resumed line loses little work.
+        """
+        steps = budget.steps_per_cycle
+        return cls.model_validate(
+            {
+                "steps": steps,
+                "micro_batch_size": budget.batch_size,
+                "learning_rate": budget.learning_rate,
+                "warmup_steps": max(1, steps // 10),
+                "checkpoint_every": max(1, steps // 4),
+                "zero_stage": budget.zero_stage,
+                "lora_rank": expert.rank,
+                "lora_alpha": expert.alpha,
+                "target_modules": list(expert.target_modules),
+                "precision": precision,
+                **line,
+            }
+        )
 
 
 def shard_rows(num_rows: int, shard_index: int, num_shards: int) -> list[int]:

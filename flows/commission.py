@@ -1,9 +1,10 @@
 """The commission flow: intake -> cycles -> compose -> benchmark -> gate -> register.
 
 ``taas commission submit spec.yaml`` (or ``taas demo``) calls :func:`run_commission`; a Prefect
-deployment calls :func:`commission_flow` with the spec path. Every step's result is a committed
-folder under ``<home>/commissions/<id>/``, so a rerun after a crash trains nothing again, and
-registration is exactly-once on (commission id, adapter sha256).
+deployment calls :func:`commission_flow` with the spec path. Every step is a task in
+:mod:`tasks` whose result is a typed model committed under ``<home>/commissions/<id>/``, so a
+rerun after a crash trains nothing again, and registration is exactly-once on (commission id,
+adapter sha256).
 """
 
 from __future__ import annotations
@@ -17,21 +18,18 @@ from prefect import flow
 from evaluation.benchmark import benchmark_texts
 from factory.commission import CommissionSpec, load_spec
 from factory.commission_store import CommissionStore
-from flows.cycle import CycleInputs, cycle_flow
-from flows.steps import (
-    Job,
-    benchmark,
-    build_expert,
-    compose,
-    gate_and_register,
-    open_job,
-    plot_pol,
-)
-from infra.atomic import atomic_write_json
+from flows.cycle import cycle_flow
+from infra.atomic import atomic_write_text
 from infra.settings import Settings, get_settings
+from tasks.benchmarking import benchmark
+from tasks.compose import build_expert, compose, stage_library
+from tasks.cycle import CycleInputs
+from tasks.cycle_commit import CycleResult
 from tasks.intake import intake_task
+from tasks.job import Job, fail_job, finish_job, log_cycle, open_job
+from tasks.registration import gate_inputs, promote_task, provenance_for, register_task
+from tasks.summary import SUMMARY_FILE, CommissionSummary, plot_pol, read_summary, summarize
 
-SUMMARY_FILE = "summary.json"
 #: stop early when the held-out gain stays under this (relative) for two cycles in a row
 EARLY_STOP_GAIN = 0.002
 
@@ -43,7 +41,7 @@ class CommissionCancelled(RuntimeError):
 @flow(name="commission", log_prints=True)
 def commission_flow(
     spec_path: str, settings: Settings | None = None, warm_start: str | None = None
-) -> dict[str, Any]:
+) -> CommissionSummary:
     """Runs one commission end to end and returns its summary (see :func:`print_summary`).
 
     ``warm_start``: a library expert (``name`` or ``name@alias``) the production lines start
@@ -52,32 +50,36 @@ def commission_flow(
     settings = settings or get_settings()
     spec = load_spec(Path(spec_path))
     intake = intake_task(Path(spec_path), settings, benchmark_items=benchmark_texts())
-    done = settings.home / "commissions" / intake["commission_id"] / SUMMARY_FILE
+    done = settings.home / "commissions" / intake.commission_id / SUMMARY_FILE
     # The store, not the (possibly cached) intake result, knows the commission's state now.
-    state = CommissionStore(settings.db_url).get(intake["commission_id"]).state
+    state = CommissionStore(settings.db_url).get(intake.commission_id).state
     if state == "registered" and done.exists():
-        print(f"[commission {intake['commission_id']}] already registered; nothing to do")
-        return json.loads(done.read_text())
+        print(f"[commission {intake.commission_id}] already registered; nothing to do")
+        return read_summary(done)
     job = open_job(intake, spec, settings, warm_start)
     try:
         cycles = run_cycles(job, spec, settings)
-        expert_dir = build_expert(job, spec, cycles)
-        composed = compose(job, spec, expert_dir, settings)
-        bench = benchmark(job, spec, composed, settings)
-        plots = [*composed["plots"], plot_pol(job, cycles)]
-        registered = gate_and_register(job, spec, cycles, composed, bench, plots, settings)
+        expert_dir = build_expert(job, cycles)
+        library = stage_library(job, settings)
+        composed = compose(job, spec, expert_dir, library)
+        bench = benchmark(job, spec, composed, library, settings)
+        gate = gate_inputs(job, spec, cycles, composed, bench, library)
+        plots = [*composed.plots, plot_pol(job, cycles)]
+        version = register_task(settings, composed.expert_dir, provenance_for(job, spec, cycles),
+                                bench, plots, job.run_id)  # fmt: skip
+        registered = promote_task(settings, version, gate)
     except BaseException as exc:
-        job.fail(settings, exc)
+        fail_job(job, settings, exc)
         raise
     summary = summarize(job, spec, cycles, composed, bench, registered)
-    atomic_write_json(job.root / SUMMARY_FILE, summary)
-    job.finish(settings, registered)
+    atomic_write_text(job.root / SUMMARY_FILE, summary.model_dump_json(indent=2))
+    finish_job(job, settings, registered)
     return summary
 
 
-def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[dict[str, Any]]:
+def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[CycleResult]:
     """Runs up to ``budget.cycles`` cycles, each from the last accepted version."""
-    results: list[dict[str, Any]] = []
+    results: list[CycleResult] = []
     parent = job.parent_dir
     stalled = 0
     store = CommissionStore(settings.db_url)
@@ -95,47 +97,26 @@ def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[dict[
             data_dir=job.data_dir,
             general_dir=job.general_dir,
             parent_dir=parent,
-            cycle_dir=job.root / "cycles" / f"cycle-{number}",
+            cycle_dir=job.cycle_dir(number),
             run_id=job.run_id,
         )
         result = cycle_flow(inputs, settings)
-        job.log_cycle(settings, result)
+        log_cycle(job, settings, result)
         results.append(result)
-        if result["improved"]:
+        if result.improved:
             parent = inputs.cycle_dir
-        before, after = result["heldout_loss_before"], result["heldout_loss_after"]
-        gain = (before - after) / before if before and after is not None else 0.0
-        stalled = stalled + 1 if gain < EARLY_STOP_GAIN else 0
+        stalled = stalled + 1 if result.relative_gain() < EARLY_STOP_GAIN else 0
         if stalled >= 2:
             print(f"[commission {job.commission_id}] gain under {EARLY_STOP_GAIN} twice: stop")
             break
     return results
 
 
-def summarize(job, spec, cycles, composed, bench, registered) -> dict[str, Any]:
-    table = bench.get("table", {})
-    return {
-        "commission_id": job.commission_id,
-        "expert_id": job.expert_id,
-        "domain": spec.domain,
-        "pol": {f"cycle-{c['cycle']}": c["pol"] for c in cycles},
-        "rejections": {f"cycle-{c['cycle']}": c["rejections"] for c in cycles},
-        "alpha": {f"cycle-{c['cycle']}": c["alpha"] for c in cycles},
-        "heldout_loss_base": composed["base_heldout_loss"],
-        "heldout_loss_expert": composed["expert_heldout_loss"],
-        "heldout_loss_mixture": composed["mixture_heldout_loss"],
-        "router_accepted": composed["accepted"],
-        "benchmark": table,
-        "registered": registered,
-        "mlflow_run_id": job.run_id,
-        "tracking_uri": job.tracking_uri,
-    }
-
-
 def run_commission(spec_path: Path, settings: Settings) -> dict[str, Any]:
-    """Validates the spec (one-line errors, nothing written), then runs the flow."""
+    """Validates the spec (one-line errors, nothing written), then runs the flow; the summary
+    as JSON-ready data (what ``taas commission submit`` prints)."""
     load_spec(Path(spec_path))
-    return commission_flow(spec_path=str(spec_path), settings=settings)
+    return commission_flow(spec_path=str(spec_path), settings=settings).model_dump(mode="json")
 
 
 def print_summary(summary: dict[str, Any]) -> None:

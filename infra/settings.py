@@ -71,8 +71,12 @@ class Settings(BaseSettings):
         default=None, description="JSON object deep-merged over each line's DeepSpeed config"
     )
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    hostfile: Path | None = None
-    processes_per_line: int = Field(default=2, ge=1)
+    hostfile: Path | None = Field(
+        default=None, description="DeepSpeed hostfile ('host slots=N' lines): lines span nodes"
+    )
+    processes_per_line: int | None = Field(
+        default=None, ge=1, description="ranks per line here; default the spec's budget"
+    )
     max_concurrent_lines: int = Field(default=1, ge=1)
     torch_extensions_dir: Path | None = None
 
@@ -90,6 +94,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _absolute_home(self) -> Settings:
         object.__setattr__(self, "home", self.home.expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _hostfile_needs_deepspeed(self) -> Settings:
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError(
+                f"hostfile: {self.hostfile} is only read by the deepspeed launcher; set "
+                "launcher to 'deepspeed' (TAAS_LAUNCHER=deepspeed) or unset the hostfile"
+            )
         return self
 
     @cached_property

@@ -7,13 +7,15 @@
 3. L(candidate) for each accepted one, then the same-loss duplicate screen;
 4. scores ``max(0, L(current) - L(candidate)) ** power`` (rejected: 0), weights over the positive
    scores (top_k), so a candidate that does not lower the loss is never merged;
-5. the outer step over the weighted candidates (``space`` "delta": on effective LoRA deltas, exact
-   at the stacked rank; "factors": A and B averaged separately, with optional Nesterov momentum),
-   and L(new) under the merged adapter's own config;
+5. the outer step over the weighted candidates by the registered method ``space``
+   (:mod:`merging.methods`: "delta" on effective LoRA deltas, exact at the stacked rank;
+   "factors": A and B averaged separately, with optional Nesterov momentum), and L(new) under
+   the merged adapter's own config;
 6. reward shares per contributor (the sum of its candidates' weights), recorded in the ledger.
 
-When no candidate scores above 0, or the merged adapter's loss is not below L(current), the
-current adapter and its config stay (``improved`` False, the momentum state unchanged). Shares
+When no candidate scores above 0, or the merged adapter's loss is not below L(current) by more
+than ``min_gain``, the current adapter and its config stay (``improved`` False, the momentum
+state unchanged). Shares
 follow the weights either way: a contributor whose candidate lowered the loss did the work.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,34 +33,42 @@ from evaluation.gate import GateContext, GateDecision, screen_candidates, screen
 from evaluation.proof_of_loss import LossReport, PolEvaluator, pol_score
 from factory.candidate import CandidateFiles
 from factory.hashing import tensors_sha256
-from merging.aggregate import delta_outer_step, merge_weights, outer_step
+from merging.aggregate import merge_weights
+from merging.methods import METHODS, MethodName, get_method
 from merging.rewards import reward_shares
 
 Adapter = dict[str, torch.Tensor]
 
 
 class MergeConfig(BaseModel):
-    """How a cycle merges: space, outer learning rate, top_k candidates, score power, Nesterov mu.
+    """How a cycle merges: method (``space``), outer learning rate, top_k candidates, score
+    power, Nesterov mu, and the least held-out gain a merge must bring to count.
 
-    ``space`` "delta" merges effective LoRA deltas exactly (the merged adapter has the stacked
-    rank); "factors" averages A and B separately and is the only space with Nesterov momentum.
+    ``space`` names a registered merge method (:data:`merging.methods.METHODS`): "delta" merges
+    effective LoRA deltas exactly (the merged adapter has the stacked rank); "factors" averages
+    A and B separately and is the only one with Nesterov momentum. ``min_gain``: the merged
+    adapter replaces the current one only when ``L(current) - L(merged) > min_gain`` (mean
+    token cross-entropy on the seeded held-out batches, nats; 0: any decrease counts).
+    The commission spec's ``merge`` section has the same fields (with defaults).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    space: Literal["delta", "factors"]
+    space: MethodName
     outer_lr: float = Field(gt=0, le=2)
     top_k: int | None = Field(ge=1)
     power: float = Field(gt=0, le=4)
     nesterov_momentum: float = Field(ge=0, lt=1)
+    min_gain: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _momentum_needs_factor_space(self) -> MergeConfig:
-        if self.nesterov_momentum > 0 and self.space == "delta":
+        if self.nesterov_momentum > 0 and not METHODS[self.space].momentum:
+            with_momentum = [name for name, info in METHODS.items() if info.momentum]
             raise ValueError(
                 f"merge.nesterov_momentum is {self.nesterov_momentum} but Nesterov momentum is"
-                " only available in factor space: set merge.nesterov_momentum to 0 or"
-                " merge.space to 'factors'"
+                f" only available in factor space: set merge.nesterov_momentum to 0 or"
+                f" merge.space to {' or '.join(repr(n) for n in with_momentum)}"
             )
         return self
 
@@ -123,33 +133,22 @@ def merge_cycle(
     improved, note = False, "no improvement: no candidate lowered the held-out loss"
     chosen = [i for i, w in enumerate(weights) if w > 0]
     if chosen:
-        chosen_adapters = [decisions[i].adapter for i in chosen]
-        chosen_weights = [weights[i] for i in chosen]
-        if cfg.space == "delta":
-            merged, merged_config = delta_outer_step(
-                current_adapter,
-                adapter_config,
-                chosen_adapters,
-                adapter_config,
-                chosen_weights,
-                cfg.outer_lr,
-            )
-            merged_momentum = None
-        else:
-            merged, merged_momentum = outer_step(
-                current_adapter,
-                chosen_adapters,
-                chosen_weights,
-                cfg.outer_lr,
-                momentum_state,
-                cfg.nesterov_momentum,
-            )
-            merged_config = dict(adapter_config)
-        merged_loss = evaluator.loss(merged, merged_config)
-        if merged_loss.mean < current_loss.mean:
-            adapter, config, momentum = merged, merged_config, merged_momentum
+        step = get_method(cfg.space).merge(
+            current_adapter,
+            adapter_config,
+            [decisions[i].adapter for i in chosen],
+            [weights[i] for i in chosen],
+            cfg,
+            momentum_state,
+        )
+        merged_loss = evaluator.loss(step.adapter, step.adapter_config)
+        gain = current_loss.mean - merged_loss.mean
+        if gain > cfg.min_gain:
+            adapter, config, momentum = step.adapter, step.adapter_config, step.momentum_state
             new_loss = merged_loss
             improved, note = True, f"merged {len(chosen)} candidate(s)"
+        elif gain > 0:
+            note = f"no improvement: gain {gain:.6f} <= merge.min_gain {cfg.min_gain}"
         else:
             note = f"no improvement: merged loss {merged_loss.mean:.6f} >= current"
     digest = tensors_sha256(adapter) if adapter is not None else None

@@ -45,6 +45,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from factory.commission import RouterSection
 from factory.expert import Expert
 from factory.mixture import MixtureModel, majority_route
 from infra.atomic import atomic_write_bytes
@@ -75,6 +76,22 @@ class AnnealConfig(BaseModel):
                 f"got start={self.temperature_start}, end={self.temperature_end}"
             )
         return self
+
+    @classmethod
+    def for_commission(
+        cls, router: RouterSection, seed: int, train_existing_rows: bool
+    ) -> AnnealConfig:
+        """The annealer's config from a commission's ``router`` section (same field names).
+
+        Two values are read leniently, as specs have always been: ``steps`` 0 anneals for one
+        step (the new row still needs its centroid start checked), and a ``temperature_end``
+        above ``temperature_start`` is lowered to it (a constant temperature) rather than
+        refused, so no spec that ran before fails now.
+        """
+        fields = router.model_dump()
+        fields["steps"] = max(1, router.steps)
+        fields["temperature_end"] = min(router.temperature_end, router.temperature_start)
+        return cls(**fields, seed=seed, train_existing_rows=train_existing_rows)
 
 
 def temperature_at(step: int, cfg: AnnealConfig) -> float:

@@ -1,6 +1,7 @@
 """Prefect task for commission intake: validate the spec, record the commission, prepare its data.
 
-``intake_task(spec_path, settings)`` returns a small dict (ids, hashes, the data folder, counts).
+``intake_task(spec_path, settings)`` returns an :class:`IntakeResult` (ids, hashes, the data
+folder, counts).
 Its cache key is built from content hashes (the validated spec's sha256 and the dataset's sha256),
 never from paths. It retries only when object storage is unreachable; bad data marks the
 commission ``failed`` and is not retried.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from factory.commission import load_spec, spec_sha256
 from factory.commission_store import CommissionStore
@@ -23,9 +25,26 @@ from infra.settings import Settings
 from infra.storage import StorageUnavailable
 
 
+class IntakeResult(BaseModel):
+    """The commission as intake left it: its ids and hashes, and its prepared data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    commission_id: str
+    state: str
+    spec_sha256: str
+    dataset_sha256: str
+    data_dir: Path
+    base_model_path: Path
+    seq_len: int
+    num_train_blocks: int
+    num_heldout_blocks: int
+    heldout_tokens: int
+
+
 def intake(
     spec_path: Path, settings: Settings, benchmark_items: Sequence[str] = ()
-) -> dict[str, Any]:
+) -> IntakeResult:
     """validate -> record (submitted) -> prepare data -> validated; returns the intake summary."""
     spec = load_spec(spec_path)
     spec_sha = spec_sha256(spec)
@@ -50,18 +69,18 @@ def intake(
         raise
     if record.state == "submitted":
         record = store.set_state(record.commission_id, "validated")
-    return {
-        "commission_id": record.commission_id,
-        "state": record.state,
-        "spec_sha256": spec_sha,
-        "dataset_sha256": data_sha,
-        "data_dir": str(prepared.root),
-        "base_model_path": str(base),
-        "seq_len": prepared.seq_len,
-        "num_train_blocks": prepared.num_train_blocks,
-        "num_heldout_blocks": prepared.num_heldout_blocks,
-        "heldout_tokens": prepared.heldout_tokens,
-    }
+    return IntakeResult(
+        commission_id=record.commission_id,
+        state=record.state,
+        spec_sha256=spec_sha,
+        dataset_sha256=data_sha,
+        data_dir=prepared.root,
+        base_model_path=base,
+        seq_len=prepared.seq_len,
+        num_train_blocks=prepared.num_train_blocks,
+        num_heldout_blocks=prepared.num_heldout_blocks,
+        heldout_tokens=prepared.heldout_tokens,
+    )
 
 
 def _content_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -95,6 +114,6 @@ def _storage_flake(task: Any, task_run: Any, state: Any) -> bool:
 )
 def intake_task(
     spec_path: Path, settings: Settings, benchmark_items: Sequence[str] = ()
-) -> dict[str, Any]:
+) -> IntakeResult:
     """Runs :func:`intake` (same arguments)."""
     return intake(Path(spec_path), settings, benchmark_items)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
 
 from factory.train import TrainConfig
 from infra.atomic import atomic_write_json
@@ -33,8 +35,23 @@ def _retry_only_retryable(task, task_run, state) -> bool:
     return False
 
 
+class LineResult(BaseModel):
+    """What one production line produced: its outcome and, when ``ok``, its candidate folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    contributor_id: str
+    candidate_path: Path | None
+    outcome: Literal["ok", "final", "retryable"]
+    reason: str  # "" when ok
+    final_loss: float | None
+    tokens_seen: int
+    config_sha256: str
+    events: list[dict[str, Any]] = Field(default_factory=list, repr=False)  # launcher's log lines
+
+
 def run_training(
-    config: TrainConfig | dict,
+    config: TrainConfig,
     nprocs: int,
     launcher: Literal["torchrun", "deepspeed"] = "torchrun",
     timeout_s: float = 3600.0,
@@ -42,9 +59,8 @@ def run_training(
     run_id: str | None = None,
     hostfile: Path | None = None,
     env: dict[str, str] | None = None,
-) -> dict:
+) -> LineResult:
     """Runs the line once; raises RetryableTrainingFailure for the retryable outcome."""
-    config = TrainConfig.model_validate(config)
     config_path = Path(config.checkpoint_dir) / "train_config.json"
     atomic_write_json(config_path, config.model_dump(mode="json"))
     sink = None
@@ -69,26 +85,35 @@ def run_training(
     if result.outcome == "retryable":
         raise RetryableTrainingFailure(f"training line failed: {result.reason}")
     last = result.metrics[-1] if result.metrics else {}
-    return {
-        "candidate_path": result.report.get("candidate_path") if result.outcome == "ok" else None,
-        "outcome": result.outcome,
-        "reason": result.reason,
-        "final_loss": result.report.get("final_loss", last.get("loss")),
-        "tokens_seen": result.report.get("tokens_seen", last.get("tokens_seen", 0)),
-        "config_sha256": config.sha256(),
-        "events": json.loads(json.dumps(result.events)),
-    }
+    candidate = result.report.get("candidate_path") if result.outcome == "ok" else None
+    return LineResult(
+        contributor_id=config.contributor_id,
+        candidate_path=Path(candidate) if candidate else None,
+        outcome=result.outcome,
+        reason=result.reason,
+        final_loss=result.report.get("final_loss", last.get("loss")),
+        tokens_seen=int(result.report.get("tokens_seen", last.get("tokens_seen", 0)) or 0),
+        config_sha256=config.sha256(),
+        events=json.loads(json.dumps(result.events)),
+    )
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_only_retryable)
+@task(
+    name="train-line",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_only_retryable,
+    cache_policy=NO_CACHE,
+)
 def train_line(
-    config: dict,
+    config: TrainConfig,
     nprocs: int,
     launcher: Literal["torchrun", "deepspeed"] = "torchrun",
+    hostfile: Path | None = None,
     timeout_s: float = 3600.0,
     tracking_uri: str | None = None,
     run_id: str | None = None,
-) -> dict:
-    """dict(candidate_path, outcome, reason, final_loss, tokens_seen); resumes on retry from
-    the line's newest valid checkpoint."""
-    return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id)
+) -> LineResult:
+    """Trains one line (``nprocs`` ranks; across nodes with a DeepSpeed ``hostfile``); resumes
+    on retry from the line's newest valid checkpoint."""
+    return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)

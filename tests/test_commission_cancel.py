@@ -7,8 +7,8 @@ import pytest
 from factory.commission import parse_spec, spec_sha256
 from factory.commission_store import CommissionStore
 from flows.commission import CommissionCancelled, run_cycles
-from flows.steps import Job
 from infra.settings import get_settings
+from tasks.job import Job
 from tests.conftest import TINY_COMMISSION
 
 

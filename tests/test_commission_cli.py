@@ -90,19 +90,19 @@ def test_intake_task_records_prepares_and_list_show_cancel(workspace, capsys):
     spec, home = workspace
     settings = get_settings()
     result = intake_task.fn(spec, settings)
-    assert result["state"] == "validated" and result["commission_id"].startswith("c-")
-    assert verify_committed(home / "commissions" / result["commission_id"] / "data")
-    assert result["num_heldout_blocks"] > 0 and result["heldout_tokens"] >= 200
+    assert result.state == "validated" and result.commission_id.startswith("c-")
+    assert verify_committed(home / "commissions" / result.commission_id / "data")
+    assert result.num_heldout_blocks > 0 and result.heldout_tokens >= 200
     again = intake_task.fn(spec, settings)
-    assert again["commission_id"] == result["commission_id"]
+    assert again.commission_id == result.commission_id
     assert len(CommissionStore(settings.db_url).list()) == 1
 
-    cid = result["commission_id"]
+    cid = result.commission_id
     assert main(["commission", "list"]) == 0
     assert f"{cid}  validated" in capsys.readouterr().out
     assert main(["commission", "show", cid]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["dataset_sha256"] == result["dataset_sha256"] and shown["spec"]["seed"] == 0
+    assert shown["dataset_sha256"] == result.dataset_sha256 and shown["spec"]["seed"] == 0
     assert main(["commission", "cancel", cid]) == 0
     assert CommissionStore(settings.db_url).get(cid).state == "cancelled"
     assert main(["commission", "cancel", cid]) == 2
@@ -134,5 +134,5 @@ def test_intake_task_runs_under_prefect_and_caches_by_content(workspace):
     assert second.name == "Cached" and second.result() == first.result()
     assert (
         third.name != "Cached"
-        and third.result()["commission_id"] != first.result()["commission_id"]
+        and third.result().commission_id != first.result().commission_id
     )

@@ -263,3 +263,18 @@ def test_delta_space_merge_of_honest_candidates_beats_factor_space(cycle):
     # the merged adapter is evaluated under its own config: the same loss from a fresh evaluator
     again = _evaluator(cycle).loss(delta.adapter, delta.adapter_config)
     assert again.per_batch == delta.new_loss.per_batch
+
+
+def test_a_merge_gaining_less_than_min_gain_keeps_the_current_version(cycle):
+    pair = cycle["candidates"][:2]  # honest + noise: the honest one alone is merged
+    plain = merge_cycle(None, CONFIG, pair, cycle["ctx"], _evaluator(cycle), CFG)
+    gain = plain.current_loss.mean - plain.new_loss.mean
+    assert plain.improved and gain > 0.05
+    above = CFG.model_copy(update={"min_gain": gain + 1e-6})
+    held = merge_cycle(None, CONFIG, pair, cycle["ctx"], _evaluator(cycle), above)
+    assert not held.improved and held.adapter is None and held.new_loss == held.current_loss
+    assert "merge.min_gain" in held.note
+    assert held.scores == plain.scores  # the candidates' work is scored the same either way
+    below = CFG.model_copy(update={"min_gain": gain - 1e-6})
+    merged = merge_cycle(None, CONFIG, pair, cycle["ctx"], _evaluator(cycle), below)
+    assert merged.improved and merged.adapter_sha256 == plain.adapter_sha256

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from factory.ledger import Ledger
-from factory.production_line import ensure_line_keys, key_path, plan_lines, run_lines
+from factory.production_line import ensure_line_keys, key_path, plan_lines
 from factory.signing import load_private_key, public_key_b64
 
 
@@ -34,22 +31,3 @@ def test_line_keys_are_created_once_and_registered(tmp_path):
     again = ensure_line_keys(tmp_path, ledger, lines)  # idempotent: same key, no error
     assert public_key_b64(load_private_key(again["line-1"])) == public
 
-
-def test_run_lines_respects_the_concurrency_limit():
-    active, peak, lock = [0], [0], threading.Lock()
-
-    def run_line(line):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.2)
-        with lock:
-            active[0] -= 1
-        if line.index == 3:
-            raise OSError("disk full")
-        return {"outcome": "ok", "line": line.index}
-
-    results = run_lines(plan_lines(5, 0, 1), run_line, max_concurrent=2)
-    assert peak[0] == 2
-    assert [r["line"] for r in results] == [0, 1, 2, 3, 4]
-    assert results[3]["outcome"] == "retryable" and "disk full" in results[3]["reason"]

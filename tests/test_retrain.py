@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from factory.commission import parse_spec
-from flows.retrain import DUE_REASONS, derived_spec, is_due
+from tasks.retraining import DUE_REASONS, derived_spec, is_due
 from tests.conftest import TINY_COMMISSION
 
 NOW = datetime(2025, 6, 30, 3, 0, tzinfo=UTC)

@@ -155,30 +155,3 @@ def test_library_match_ranks_the_domain_expert_first(annealed, tiny_base):
     match = library_match(base, [digits, licence], annealed["second"].mixture, blocks["licence"][1])
     assert match.ranking[0][0] == "licence-expert"
 
-
-def test_compose_expert_task_writes_router_and_report(tiny_base, tmp_path):
-    from factory.expert import save_expert
-    from tasks.composition import compose_expert
-
-    digits, licence = experts_for(tiny_base)
-    blocks = domain_blocks(str(tiny_base.path))
-    save_expert(tmp_path / "digits", digits)
-    save_expert(tmp_path / "licence", licence)
-    cfg = AnnealConfig(steps=4, lr=0.05, seed=0)
-    out = compose_expert.fn(
-        tiny_base.path,
-        [tmp_path / "digits"],
-        tmp_path / "licence",
-        blocks["licence"][0][:8],
-        {"digits-expert": blocks["digits"][0][:8]},
-        {"licence-expert": blocks["licence"][1][:4], "digits-expert": blocks["digits"][1][:4]},
-        cfg,
-        0.5,
-        tmp_path / "composed",
-    )
-    assert isinstance(out["accepted"], bool)
-    assert set(out["stats"]) == {"licence-expert", "digits-expert"}
-    from safetensors.torch import load_file
-
-    assert load_file(out["router_path"])["router"].shape == (2, 32)
-    assert (tmp_path / "composed" / "routing_heatmap.png").is_file()

@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from factory.candidate import CandidateFiles, read_manifest
 from factory.signing import load_or_create_key, public_key_b64, verify
+from factory.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +55,12 @@ def test_train_line_task_writes_a_signed_candidate_and_logs_metrics(
     experiment = client.create_experiment("lines", artifact_location=str(tmp_path / "art"))
     run_id = client.create_run(experiment).info.run_id
     config = _config(tmp_path, tiny_base, prepared_data)
-    out = train_line(config, 2, timeout_s=400, tracking_uri=tracking_uri, run_id=run_id)
-    assert out["outcome"] == "ok", out
-    assert out["tokens_seen"] == 4 * 2 * 2 * 64
+    out = train_line(
+        TrainConfig.model_validate(config), 2, timeout_s=400, tracking_uri=tracking_uri,
+        run_id=run_id,
+    )  # fmt: skip
+    assert out.outcome == "ok", out
+    assert out.tokens_seen == 4 * 2 * 2 * 64
     files = CandidateFiles(tmp_path / "candidate")
     manifest = read_manifest(files)
     assert (manifest.data_shard, manifest.steps, manifest.cycle) == ("2/4", 4, 1)
@@ -66,15 +70,15 @@ def test_train_line_task_writes_a_signed_candidate_and_logs_metrics(
     assert verify(public, manifest.model_dump(mode="json"), files.signature.read_text())
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    assert history[-1].value == pytest.approx(out["final_loss"], abs=1e-6)
+    assert history[-1].value == pytest.approx(out.final_loss, abs=1e-6)
 
 
 def test_bad_config_in_the_worker_is_final_and_not_retried(tmp_path, tiny_base, prepared_data):
     from tasks.training import run_training
 
     config = _config(tmp_path, tiny_base, prepared_data, base_model_sha256="f" * 64)
-    out = run_training(config, 2, timeout_s=400)
-    assert (out["outcome"], out["reason"]) == ("final", "bad_config")
-    assert out["candidate_path"] is None
+    out = run_training(TrainConfig.model_validate(config), 2, timeout_s=400)
+    assert (out.outcome, out.reason) == ("final", "bad_config")
+    assert out.candidate_path is None
     with pytest.raises(ValueError, match="zero_stage"):
-        run_training({**config, "zero_stage": 5}, 2)
+        run_training(TrainConfig.model_validate({**config, "zero_stage": 5}), 2)
