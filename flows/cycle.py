@@ -69,7 +69,9 @@ def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> lis
     """Runs every line's DeepSpeed job, at most ``max_concurrent_lines`` at a time."""
     tracking_uri = settings.tracking_uri if inputs.run_id else None
     nprocs = settings.processes_per_line or inputs.spec.budget.processes_per_line
-    configs = [line_config(inputs, line, plan.keys[line.contributor_id]) for line in plan.lines]
+    configs = [
+        line_config(inputs, line, plan.key_paths[line.contributor_id]) for line in plan.lines
+    ]
     results: list[LineResult] = []
     width = settings.max_concurrent_lines
     for start in range(0, len(configs), width):

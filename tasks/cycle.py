@@ -68,7 +68,8 @@ class CyclePlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lines: list[LineSpec]
-    keys: dict[str, Path]  # contributor id -> its signing key
+    key_paths: dict[str, Path]  # contributor id -> its signing key (not `keys`: Prefect
+    # treats a model with a `keys` attribute as a mapping when it walks task results)
     pol: PolPlan
     deadline: datetime
     parent_dir: Path | None
@@ -101,7 +102,7 @@ def distribute(inputs: CycleInputs, settings: Settings) -> CyclePlan:
     num_heldout = len(load_from_disk(str(inputs.data_dir / "heldout")))
     plan = CyclePlan(
         lines=lines,
-        keys=keys,
+        key_paths=keys,
         pol=pol_plan(num_heldout, spec.seed, inputs.cycle),
         deadline=datetime.now(UTC) + timedelta(seconds=TRAIN_TIMEOUT_S),
         parent_dir=inputs.parent_dir,
