@@ -8,6 +8,10 @@ idempotent. States move only along::
     submitted -> validated -> running -> registered | failed | cancelled
     running -> running (a resumed run);  failed -> running (a retried run);
     submitted | validated -> failed | cancelled
+
+Table ``customers`` records each customer once: ``customer_id`` (:func:`factory.customer.
+customer_id_for`, derived from the name, so it is the same on every machine and database) and the
+name as first submitted. A commission's expert belongs to that id (see :mod:`factory.customer`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, String, Text, create_engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from factory.commission import CommissionSpec
+from factory.customer import customer_id_for
 
 STATES = ("submitted", "validated", "running", "registered", "failed", "cancelled")
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -62,6 +68,14 @@ class CommissionRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=_now)
 
 
+class CustomerRow(Base):
+    __tablename__ = "customers"
+
+    customer_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
 @dataclass(frozen=True)
 class CommissionRecord:
     """A commission as stored; ``timestamps`` maps each state reached to when (UTC)."""
@@ -79,6 +93,10 @@ class CommissionRecord:
 
     def spec(self) -> CommissionSpec:
         return CommissionSpec.model_validate_json(self.spec_json)
+
+    @property
+    def customer_id(self) -> str:
+        return customer_id_for(self.customer)
 
 
 def commission_id_for(spec_sha256: str, dataset_sha256: str) -> str:
@@ -119,6 +137,7 @@ class CommissionStore:
     ) -> CommissionRecord:
         """Records a new commission, or returns the existing one for the same two hashes."""
         commission_id = commission_id_for(spec_sha256, dataset_sha256)
+        self._record_customer(spec.customer)
         with Session(self.engine) as session, session.begin():
             row = session.get(CommissionRow, commission_id)
             if row is None:
@@ -134,6 +153,22 @@ class CommissionStore:
                 session.add(row)
                 session.flush()
             return _record(row)
+
+    def _record_customer(self, name: str) -> str:
+        customer_id = customer_id_for(name)
+        try:
+            with Session(self.engine) as session, session.begin():
+                if session.get(CustomerRow, customer_id) is None:
+                    session.add(CustomerRow(customer_id=customer_id, name=name))
+        except IntegrityError:
+            pass  # a concurrent submit recorded the same customer: the row is there either way
+        return customer_id
+
+    def customers(self) -> dict[str, str]:
+        """customer_id -> the name first submitted under it."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(CustomerRow).order_by(CustomerRow.created_at))
+            return {r.customer_id: r.name for r in rows}
 
     def _row(self, session: Session, commission_id: str) -> CommissionRow:
         row = session.get(CommissionRow, commission_id)

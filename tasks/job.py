@@ -60,8 +60,11 @@ def slug(text: str) -> str:
 
 
 def expert_id_for(spec: CommissionSpec) -> str:
-    """The library name of the commission's expert."""
-    return f"{slug(spec.domain)}-{slug(spec.customer)}"
+    """The library name of the commission's expert: unique per customer
+    (:func:`factory.customer.expert_id_for`)."""
+    from factory.customer import expert_id_for as customer_expert_id
+
+    return customer_expert_id(spec.domain, spec.customer)
 
 
 def base_model_identity(spec: CommissionSpec, base_path: Path) -> tuple[str, str]:

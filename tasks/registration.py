@@ -65,6 +65,7 @@ def provenance_for(
     job: Job, spec: CommissionSpec, cycles: list[CycleResult]
 ) -> RegistrationProvenance:
     """The result's provenance: PoL scores, alpha, contributors' shares, licence and prices."""
+    from factory.customer import customer_id_for
     from merging.rewards import reward_shares
 
     # A contributor's share of the version: its shares summed over the cycles, renormalized.
@@ -89,6 +90,7 @@ def provenance_for(
         licence=spec.licence.type if spec.licence else "usage",
         visibility="public" if spec.visibility == "public" else "private",
         parent_adapter_sha256=cycles[0].parent_adapter_sha256 or "",
+        customer_id=customer_id_for(spec.customer),
         # The licence section's prices (decimal strings); unset ones are left to the catalog.
         **prices,
     )

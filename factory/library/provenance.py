@@ -45,6 +45,9 @@ class RegistrationProvenance(BaseModel):
     licence: str = "apache-2.0"
     visibility: Literal["private", "public"] = "private"
     parent_adapter_sha256: str = ""
+    # The commission's customer (factory.customer.customer_id_for); the registered model is
+    # tagged with its owner and refuses versions from any other customer.
+    customer_id: str = ""
     code_version: str | None = None
     # Prices from the commission's licence section (exact decimal strings); None: not priced.
     price_per_1k_tokens: str | None = None

@@ -36,6 +36,7 @@ from typing import Any
 
 from evaluation.benchmark import BenchmarkResult
 from factory.commission import PRICE_TAGS, price_amount
+from factory.customer import OWNER_TAG, check_owner
 from factory.expert import load_expert
 from factory.hashing import json_sha256
 from factory.library.claims import ClaimTable
@@ -174,8 +175,14 @@ class ExpertLibrary:
         scores, base_scores = expert_scores(benchmark)
         tags = version_tags(manifest, prov, key, scores, t.MAX_TAG_CHARS)
         t.ensure_registered_model(
-            self.tracking, manifest.expert_id, tags={"domain": manifest.domain}
+            self.tracking,
+            manifest.expert_id,
+            tags={"domain": manifest.domain, OWNER_TAG: prov.customer_id},
         )
+        # After ensure, not before: of two customers racing to create one name, one creates it
+        # with its owner tag and the other is refused here.
+        owner = t.registered_model_tags(self.tracking, manifest.expert_id).get(OWNER_TAG)
+        check_owner(manifest.expert_id, owner, prov.customer_id)
         own_run = run_id is None
         run_id = (
             t.start_run(self.tracking, f"register-{manifest.expert_id}", {"commission_id": key})
