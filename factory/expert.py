@@ -14,7 +14,10 @@ An expert folder (committed: see :mod:`infra.atomic`) holds
   center, so a mixture loaded from folders takes it from the last folder that carries one
   (:func:`factory.mixture.load_mixture`);
 - optional ``replay.jsonl``: a sample of the expert's training rows (``{"text": ...}`` per line),
-  replayed when a later expert is composed so this one's domain does not regress.
+  replayed when a later expert is composed so this one's domain does not regress. This is the
+  customer's own text: :mod:`factory.replay` keeps new samples in the factory's object store
+  instead, reads this file only from folders composed before it, and :mod:`factory.bundle`
+  leaves it out of every bundle.
 
 These file names are defined here only (:data:`EXPERT_FILES`); :func:`save_expert` and
 :func:`load_expert` are the one writer and reader. Weights are only ever read from
