@@ -28,10 +28,13 @@ Each projection P in gate/up/down becomes
 where x_P is the projection's own input (the down projection reads the activated product) and
 scaling_e = lora_alpha / r (alpha / sqrt(r) for rsLoRA; per module under PEFT's rank_pattern and
 alpha_pattern, see :func:`factory.lora.lora_scaling`). Experts' LoRA factors are stacked once per
-add/remove into [L, E, R, D] / [L, E, O, R] tensors (ranks zero-padded, scaling folded into B);
-a forward gathers only the K chosen experts' factors per token, so the cost per token does not
-grow with E. The base model's own modules are left untouched: the routed MLPs are swapped in for
-the duration of each forward only, so several mixtures may share one base model.
+add/remove into [L, E, R, D] / [L, E, O, R] tensors (ranks zero-padded, scaling folded into B),
+then laid out for :mod:`factory.routed_lora`, which applies each expert's factors to the tokens
+routed to it as grouped matmuls, so the cost per token stays close to the K chosen experts'
+LoRA FLOPs whatever E is. The base model's own modules are left untouched: the routed MLPs are
+swapped in for the duration of each forward only, so several mixtures may share one base model.
+The route trace (``return_routing``) holds views of tensors the forward computes anyway, and
+nothing at all when not asked for.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ from torch import nn
 
 from factory.expert import LORA_TARGETS, Expert, load_expert, parse_adapter_key
 from factory.lora import lora_scaling, module_rank
+from factory.routed_lora import (
+    RoutePlan,
+    route_plan,
+    routed_projection,
+    weighted_lora_a,
+)
 
 BASE_ROUTE = "base"
 
@@ -64,12 +73,16 @@ class LayerRouting:
     logits_BTR: torch.Tensor | None = None
 
 
-def routed_lora_delta(
-    x_ND: torch.Tensor, route_ids_NK: torch.Tensor, weights_NK: torch.Tensor, a_ERD, b_EOR
-) -> torch.Tensor:
-    """sum_k weights[n, k] * B[ids[n, k]] A[ids[n, k]] x[n], gathering only the chosen factors."""
-    h_NKR = torch.einsum("nkrd,nd->nkr", a_ERD[route_ids_NK], x_ND) * weights_NK.unsqueeze(-1)
-    return torch.einsum("nkor,nkr->no", b_EOR[route_ids_NK], h_NKR)
+def _top_routes(probs_NR: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest probabilities per row, largest first; for k <= 2 by
+    max passes, which on CPU cost a fraction of topk over a few dozen columns."""
+    if k > 2:
+        return probs_NR.topk(k, dim=-1)
+    first_p, first_id = probs_NR.max(-1, keepdim=True)
+    if k == 1:
+        return first_p, first_id
+    second_p, second_id = probs_NR.scatter(-1, first_id, -1.0).max(-1, keepdim=True)
+    return torch.cat([first_p, second_p], -1), torch.cat([first_id, second_id], -1)
 
 
 def majority_route(trace: Sequence[LayerRouting]) -> torch.Tensor:
@@ -248,6 +261,33 @@ class MixtureModel(nn.Module):
                         b[layer, e, :, : tensor.shape[1]] = tensor.to(param) * scaling
             self.register_buffer(f"lora_A_{projection}", a, persistent=False)
             self.register_buffer(f"lora_B_{projection}", b, persistent=False)
+        self._arrange_stacks()
+
+    def _arrange_stacks(self) -> None:
+        """Lays the stacks out for the fast paths, in slot order: the experts sorted by id, so a
+        token's experts are summed in one order whatever order they were added in (removing and
+        re-adding an expert reproduces the logits). ``slot_of_route`` maps a route id to its slot
+        (-1, the null route, to E); A stays [L,E,R,D], B becomes B^T*scaling [L,E,R,O] (a plain
+        matrix per expert, and [E*R, O] is a free view). The grouped path reads A^T as plain
+        matrices: ``lora_At_down_proj`` [L,E,I,R] and ``lora_At_gate_up`` [L,E,H,2R], gate's and
+        up's side by side (they read the same input, so one matmul serves both)."""
+        num_experts = len(self.experts)
+        order = sorted(range(num_experts), key=lambda e: self.expert_ids[e])
+        self._slots = [order.index(e) for e in range(num_experts)]
+        device = self.router_rows.device
+        slots = torch.tensor([*self._slots, num_experts], dtype=torch.long, device=device)
+        self.register_buffer("slot_of_route", slots, persistent=False)
+        perm = torch.tensor(order, dtype=torch.long, device=device)
+        for projection in LORA_TARGETS:
+            a = getattr(self, f"lora_A_{projection}").index_select(1, perm)
+            b = getattr(self, f"lora_B_{projection}").index_select(1, perm)
+            self.register_buffer(f"lora_A_{projection}", a, persistent=False)
+            b = b.transpose(-2, -1).contiguous()
+            self.register_buffer(f"lora_B_{projection}", b, persistent=False)
+        gate_up = torch.cat([self.lora_A_gate_proj, self.lora_A_up_proj], 2)
+        self.register_buffer("lora_At_gate_up", gate_up.transpose(-2, -1).contiguous(), False)
+        down = self.lora_A_down_proj.transpose(-2, -1).contiguous()
+        self.register_buffer("lora_At_down_proj", down, persistent=False)
 
     def _layers(self) -> nn.ModuleList:
         return self.base_model.get_decoder().layers
@@ -278,7 +318,7 @@ class MixtureModel(nn.Module):
         null_N1 = (u_NH @ self.null_rows[layer] + self.null_bias[layer]).unsqueeze(-1)
         logits = torch.cat([u_NH @ self.router_rows[layer].T, null_N1], -1) / self.temperature
         probs = logits.softmax(-1)
-        top_p, top_ids = probs.topk(min(self.top_k, num_experts + 1), dim=-1)
+        top_p, top_ids = _top_routes(probs, min(self.top_k, num_experts + 1))
         weights = top_p / top_p.sum(-1, keepdim=True)
         return torch.where(top_ids == num_experts, -1, top_ids), weights, probs, logits
 
@@ -300,16 +340,27 @@ class MixtureModel(nn.Module):
             )
         if not self.experts or self._forced == -1:
             return mlp(x_BTH)
-        # The null route carries no factors: weight 0 on any expert's (gathered) factors.
-        is_null = ids_NK < 0
-        ids_NK, weights_NK = ids_NK.clamp(min=0), weights_NK.masked_fill(is_null, 0.0)
+        rank = self.lora_A_gate_proj.shape[2]
+        if self._forced is not None:
+            plan = RoutePlan(expert=self._slots[self._forced])
+        else:
+            plan = route_plan(self.slot_of_route[ids_NK], weights_NK, len(self.experts), rank)
+        grouped = plan.token_P is not None
+        if grouped and plan.token_P.numel() == 0:
+            return mlp(x_BTH)  # every token chose the null route
 
-        def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+        def project(name: str, inputs: torch.Tensor, h_PR=None) -> torch.Tensor:
             a, b = getattr(self, f"lora_A_{name}")[layer], getattr(self, f"lora_B_{name}")[layer]
-            return getattr(mlp, name)(inputs) + routed_lora_delta(inputs, ids_NK, weights_NK, a, b)
+            return routed_projection(getattr(mlp, name), inputs, a, b, plan, h_PR)
 
-        hidden = mlp.act_fn(project("gate_proj", x_NH)) * project("up_proj", x_NH)
-        return project("down_proj", hidden).view(*lead, -1)
+        h_gate = h_up = h_down = None
+        if grouped:  # gate and up read the same input: one gather and one A matmul serve both
+            h_P2R = weighted_lora_a(x_NH, self.lora_At_gate_up[layer], plan)
+            h_gate, h_up = h_P2R[:, :rank].contiguous(), h_P2R[:, rank:].contiguous()
+        hidden = mlp.act_fn(project("gate_proj", x_NH, h_gate)) * project("up_proj", x_NH, h_up)
+        if grouped:
+            h_down = weighted_lora_a(hidden, self.lora_At_down_proj[layer], plan)
+        return project("down_proj", hidden, h_down).view(*lead, -1)
 
     # ----- what evaluation harnesses expect of a Hugging Face causal LM ------------------
     @property
@@ -333,10 +384,15 @@ class MixtureModel(nn.Module):
         :class:`LayerRouting` (one per layer, in layer order)."""
         layers = self._layers()
         originals = [layer.mlp for layer in layers]
+        # The stand-ins are built once per base MLP: a decoding step is a forward of its own.
+        routed = self.__dict__.setdefault("_routed_mlps", {})
         self._trace = [] if return_routing else None
         try:
             for index, layer in enumerate(layers):
-                layer.mlp = _RoutedMLP(self, index, originals[index])
+                key = (index, id(originals[index]))  # the stand-in keeps that MLP alive
+                if key not in routed:
+                    routed[key] = _RoutedMLP(self, index, originals[index])
+                layer.mlp = routed[key]
             output = self.base_model(input_ids=input_ids, **kwargs)
         finally:
             for layer, mlp in zip(layers, originals, strict=True):
@@ -370,6 +426,110 @@ class MixtureModel(nn.Module):
         return total / max(count, 1)
 
 
+@torch.no_grad()
+def stream_routes(
+    mixture: MixtureModel,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    greedy: bool = True,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Decodes up to ``max_new_tokens`` steps; yields per step (next token ids [B], the route of
+    the position that predicted them [B], -1 = base). Rows may be left-padded (mask 0); the
+    caller decides when a row or the whole batch is finished and stops iterating.
+
+    With ``use_cache`` the prompt runs once and each step feeds only the new token with the
+    base's KV cache: routing is per token and causal, so cached keys and values (computed from
+    earlier tokens' routed MLP outputs) stay valid. Without it the whole sequence re-runs each
+    step (the reference the cache is tested against). Positions count real tokens only, so a
+    left-padded row decodes as it would alone. Tensors stay on the mixture's device.
+    """
+    device = mixture.device
+    ids_BT = input_ids_BT.to(device)
+    mask_BT = torch.ones_like(ids_BT) if attention_mask_BT is None else attention_mask_BT.to(device)
+    step_ids, cache = ids_BT, None
+    for _ in range(max_new_tokens):
+        positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+        output, trace = mixture(
+            step_ids,
+            attention_mask=mask_BT,
+            position_ids=positions_BT[:, -step_ids.shape[1] :],
+            past_key_values=cache,
+            use_cache=use_cache,
+            logits_to_keep=1,
+            return_routing=True,
+        )
+        logits_BV = output.logits[:, -1].float()
+        if greedy:
+            next_B = logits_BV.argmax(-1)
+        else:
+            next_B = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)[:, 0]
+        yield next_B, majority_route([_last_position(r) for r in trace])[:, 0]
+        mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], 1)
+        if use_cache:
+            step_ids, cache = next_B[:, None], output.past_key_values
+        else:
+            ids_BT = torch.cat([ids_BT, next_B[:, None]], 1)
+            step_ids = ids_BT
+
+
+def _last_position(routing: LayerRouting) -> LayerRouting:
+    return LayerRouting(
+        routing.layer,
+        routing.route_ids_BTK[:, -1:],
+        routing.weights_BTK[:, -1:],
+        routing.probs_BTR[:, -1:],
+    )
+
+
+def generate_batch_with_routes(
+    mixture: MixtureModel,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    greedy: bool = True,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Generates continuations of prompts that arrive together, as one left-padded batch;
+    per prompt (text, [(token string, route name)] per new token), as
+    :func:`generate_with_routes` gives it for that prompt alone. A row ends at its EOS token
+    (included) or after ``max_new_tokens``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt")
+    token_lists = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    if not all(token_lists):
+        raise ValueError("prompts: every prompt must have at least one token")
+    width = max(len(ids) for ids in token_lists)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_BT = torch.tensor([[pad] * (width - len(ids)) + ids for ids in token_lists])
+    mask_BT = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in token_lists])
+    generator = torch.Generator(device=mixture.device).manual_seed(seed)
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    routes: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    steps = stream_routes(mixture, ids_BT, mask_BT, max_new_tokens, greedy, generator, use_cache)
+    for next_B, route_B in steps:
+        for row, (token, route) in enumerate(zip(next_B.tolist(), route_B.tolist(), strict=True)):
+            if not done[row]:
+                new_ids[row].append(token)
+                routes[row].append(route)
+                done[row] = token == tokenizer.eos_token_id
+        if all(done):
+            break
+    return [
+        (
+            tokenizer.decode(ids),
+            [(tokenizer.decode([t]), mixture.route_name(r)) for t, r in zip(ids, row, strict=True)],
+        )
+        for ids, row in zip(new_ids, routes, strict=True)
+    ]
+
+
 def generate_with_routes(
     mixture: MixtureModel,
     tokenizer,
@@ -377,35 +537,16 @@ def generate_with_routes(
     max_new_tokens: int,
     greedy: bool = True,
     seed: int = 0,
+    use_cache: bool = True,
 ) -> tuple[str, list[tuple[str, str]]]:
     """Generates a continuation; returns (text, [(token string, route name)] per new token).
 
-    A token's route is the majority over layers of its top-1 route (``"base"`` for the null
-    route). The whole sequence is re-run each step (no cache): routing is per token and causal,
-    so earlier tokens' routes do not change, and the models this serves are small.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    generator = torch.Generator().manual_seed(seed)
-    routed: list[tuple[str, str]] = []
-    new_ids: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            output, trace = mixture(ids, return_routing=True)
-            logits = output.logits[0, -1].float()
-            if greedy:
-                next_id = int(logits.argmax())
-            else:
-                next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-            # The route of the token that produced this prediction (the last position).
-            route = int(majority_route(trace)[0, -1])
-            new_ids.append(next_id)
-            routed.append((tokenizer.decode([next_id]), mixture.route_name(route)))
-            ids = torch.cat([ids, torch.tensor([[next_id]])], 1)
-            if next_id == tokenizer.eos_token_id:
-                break
-    return tokenizer.decode(new_ids), routed
+    A token's route is the majority over layers of its top-1 route at the position that
+    predicted it (``"base"`` for the null route). Decoding uses the KV cache
+    (:func:`stream_routes`)."""
+    return generate_batch_with_routes(
+        mixture, tokenizer, [prompt], max_new_tokens, greedy, seed, use_cache
+    )[0]
 
 
 def clone_expert_with_rows(expert: Expert, rows: torch.Tensor) -> Expert:

@@ -1,0 +1,149 @@
+"""Routed LoRA on many experts at once: each expert's factors touch only the tokens routed to it.
+
+Shape suffixes as in :mod:`factory.mixture`; P token-route pairs (N * K, less the null route's).
+
+A mixture layer applies, per token n and chosen expert e with routing weight w,
+``out[n] = W x[n] + sum_e w * B_e A_e x[n]``. Gathering every token's K chosen factors
+(``A[ids]``: [N, K, R, D] copies per projection) is memory-bound and ran at a twelfth of the
+base's speed; here instead, per layer (:func:`route_plan`, shared by gate, up and down):
+
+- dense, while E * R is small: ``x @ A_all^T`` for every expert in one matmul, each token's
+  weight on every expert (0 where not chosen), then ``@ B_all`` in one matmul;
+- grouped, otherwise: the token-route pairs are sorted by expert and each expert multiplies
+  only its own segment (``torch.nn.functional.grouped_mm`` where the device and dtype run it,
+  a loop over the non-empty segments elsewhere); the results are added back per token.
+
+Both give the gather's numbers (within float rounding; tests/test_mixture_fast_path.py keeps the
+gather as the reference). Nothing here moves tensors between devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# At or below this many stacked rank rows (E * R), every expert's A runs on every token as one
+# dense matmul and no sort is needed (the extra FLOPs are tiny); above it, the token-route pairs
+# are sorted by expert and each expert multiplies only its own segment. Set from
+# bench.mixture_throughput on CPU (see its docstring).
+DENSE_MAX_STACKED_RANK = 32
+
+
+@dataclass
+class RoutePlan:
+    """How one layer's tokens reach their experts, shared by the layer's three projections.
+
+    Exactly one form is set: ``expert`` (a forced route: every token, weight 1); ``weights_NE``
+    (dense: each token's weight on every expert, 0 where not chosen); or the grouped form, the
+    token-route pairs of real experts (null pairs dropped) sorted by expert: ``token_P`` (the
+    token of each pair), ``weight_P1`` (its routing weight), ``offsets_E`` (cumulative pair
+    counts per expert, int32, as grouped_mm takes them) and ``counts`` (the same, per expert)."""
+
+    expert: int | None = None
+    weights_NE: torch.Tensor | None = None
+    token_P: torch.Tensor | None = None
+    weight_P1: torch.Tensor | None = None
+    offsets_E: torch.Tensor | None = None
+    counts: list[int] | None = None
+
+
+def route_plan(
+    keys_NK: torch.Tensor, weights_NK: torch.Tensor, num_experts: int, rank: int
+) -> RoutePlan:
+    """The plan for routes ``keys_NK`` (stack slots; E = the null route) with ``weights_NK`` over
+    ``num_experts`` experts stacked at ``rank``; the weights keep their autograd graph."""
+    if num_experts * rank <= DENSE_MAX_STACKED_RANK:
+        full = weights_NK.new_zeros(keys_NK.shape[0], num_experts + 1)
+        return RoutePlan(weights_NE=full.scatter(1, keys_NK, weights_NK)[:, :num_experts])
+    keys_P = keys_NK.reshape(-1)
+    counts_R = torch.bincount(keys_P, minlength=num_experts + 1)
+    order_P = keys_P.argsort(stable=True)
+    # One host sync per layer: how many pairs are routed to experts (the null pairs sort last).
+    counts = counts_R[:num_experts].tolist()
+    order_P = order_P[: sum(counts)]
+    return RoutePlan(
+        token_P=order_P // keys_NK.shape[1],
+        weight_P1=weights_NK.reshape(-1)[order_P].unsqueeze(-1),
+        offsets_E=counts_R[:num_experts].cumsum(0).to(torch.int32),
+        counts=counts,
+    )
+
+
+# (device type, dtype, weight shape, weight strides) -> whether grouped_mm runs it (forward and
+# the input-gradient backward); where it does not, the segment loop below does the same math.
+_GROUPED_MM_WORKS: dict[tuple, bool] = {}
+
+
+def _grouped_mm_works(x_PD: torch.Tensor, w_EDO: torch.Tensor) -> bool:
+    inference = w_EDO.is_inference()  # inference tensors never enter a backward pass
+    key = (x_PD.device.type, x_PD.dtype, tuple(w_EDO.shape), w_EDO.stride(), inference)
+    if key not in _GROUPED_MM_WORKS:
+        _GROUPED_MM_WORKS[key] = _probe_grouped_mm(x_PD, w_EDO, backward=not inference)
+    return _GROUPED_MM_WORKS[key]
+
+
+def _probe_grouped_mm(x_PD: torch.Tensor, w_EDO: torch.Tensor, backward: bool) -> bool:
+    grouped_mm = getattr(nn.functional, "grouped_mm", None)
+    if grouped_mm is None:
+        return False
+    split = 2 if len(w_EDO) > 1 else 4  # rows 0-1 to expert 0, rows 2-3 to expert 1
+    offsets = torch.full((len(w_EDO),), 4, dtype=torch.int32, device=x_PD.device)
+    offsets[0] = split
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            probe = torch.ones(4, w_EDO.shape[1], dtype=x_PD.dtype, device=x_PD.device)
+            probe.requires_grad_(backward)
+            out = grouped_mm(probe, w_EDO, offs=offsets)
+            if backward:
+                out.sum().backward()
+            expected = torch.cat(
+                [probe[:split] @ w_EDO[0], probe[split:] @ w_EDO[min(1, len(w_EDO) - 1)]]
+            )
+            return bool(torch.allclose(out, expected, rtol=1e-2, atol=1e-2))
+    except (RuntimeError, NotImplementedError):
+        return False  # not on this device, dtype or layout: the segment loop serves
+
+
+def segment_matmul(x_PD: torch.Tensor, w_EDO: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+    """[P, O]: each expert's segment of the sorted pairs times that expert's matrix."""
+    if _grouped_mm_works(x_PD, w_EDO):
+        return nn.functional.grouped_mm(x_PD, w_EDO, offs=plan.offsets_E)
+    pieces, start = [], 0
+    for expert, count in enumerate(plan.counts):
+        if count:
+            pieces.append(x_PD[start : start + count] @ w_EDO[expert])
+        start += count
+    return torch.cat(pieces) if pieces else x_PD.new_zeros(0, w_EDO.shape[-1])
+
+
+def weighted_lora_a(x_ND: torch.Tensor, at_EDR: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+    """[P, R]: weight * A_e x for every sorted pair (grouped path); ``at_EDR`` holds A^T."""
+    return segment_matmul(x_ND.index_select(0, plan.token_P), at_EDR, plan) * plan.weight_P1
+
+
+def routed_projection(
+    linear: nn.Module,
+    x_ND: torch.Tensor,
+    a_ERD: torch.Tensor,
+    b_ERO: torch.Tensor,
+    plan: RoutePlan,
+    h_PR: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W x + sum over the token's chosen experts of weight * B_e A_e x (scaling is in B).
+
+    ``h_PR``: the grouped path's weight * A x per pair (:func:`weighted_lora_a`), which the
+    caller computes because gate and up share it."""
+    out_NO = linear(x_ND)
+    if plan.expert is not None:
+        return out_NO + (x_ND @ a_ERD[plan.expert].T) @ b_ERO[plan.expert]
+    num_experts, rank = a_ERD.shape[:2]
+    if plan.weights_NE is not None:
+        stacked = num_experts * rank
+        h_NER = (x_ND @ a_ERD.reshape(stacked, -1).T).view(-1, num_experts, rank)
+        h_NER = h_NER * plan.weights_NE.unsqueeze(-1)
+        return out_NO + h_NER.reshape(-1, stacked) @ b_ERO.reshape(stacked, -1)
+    assert h_PR is not None, "the grouped path takes weight * A x per pair from the caller"
+    # In place: the base projection's backward does not need its output.
+    return out_NO.index_add_(0, plan.token_P, segment_matmul(h_PR, b_ERO, plan))
