@@ -37,3 +37,22 @@ def test_library_commands(taas_home, tiny_expert_folder, tmp_path, capsys):
     assert main(["library", "rollback", "expert-legal"]) == 2
     assert "no previous champion" in capsys.readouterr().err
     assert main(["library", "show", "expert-nope"]) == 2
+
+
+def test_generate_resolves_library_names(taas_home, tiny_base, tiny_expert_folder, capsys):
+    """`taas generate --experts NAME@VERSION` loads the version from the library."""
+    library = ExpertLibrary(get_settings())
+    prov = RegistrationProvenance(commission_id="com-gen", dataset_sha256="d", config_hash="c")
+    library.register(tiny_expert_folder, prov)
+    argv = ["generate", "--experts", "expert-legal@1", "--base", str(tiny_base.path)]
+    assert main([*argv, "--prompt", "The licensee shall", "--max-new-tokens", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("The licensee shall") and len(lines) >= 2
+    assert all(line.rsplit("\t", 1)[-1] in ("expert-legal", "base") for line in lines[1:])
+    cached = taas_home / "library" / "expert-legal" / "1"
+    assert (
+        load_expert(cached).manifest.adapter_sha256
+        == load_expert(tiny_expert_folder).manifest.adapter_sha256
+    )
+    assert main(["generate", "--experts", "expert-nope@1", "--prompt", "x"]) == 2
+    assert "neither a library expert nor a folder" in capsys.readouterr().err
