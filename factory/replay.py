@@ -18,10 +18,11 @@ import json
 import re
 from pathlib import Path
 
+from factory.expert import REPLAY_FILE
 from infra.storage import ObjectNotFound, ObjectStore
 
 PREFIX = "private/replay"
-LEGACY_FILE = "replay.jsonl"  # where experts composed before this module kept their rows
+LEGACY_FILE = REPLAY_FILE  # where experts composed before this module kept their rows
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
