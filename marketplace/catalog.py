@@ -304,8 +304,13 @@ def library_commission_of(settings: Any) -> Callable[[str, str], str | None]:
                 opened.append(ExpertLibrary(settings))
             try:
                 tags = opened[0].show(name, version).tags
-            except (ValueError, LookupError):
-                return None  # not registered (a sample, a removed version): no commission
+            except Exception as exc:
+                # Not registered (a sample, a removed version): no commission. Anything else
+                # (the registry is down) must not silently re-attribute revenue: raised.
+                missing = getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+                if isinstance(exc, ValueError | LookupError) or missing:
+                    return None
+                raise
             found[(name, version)] = tags.get("commission_id") or None
         return found[(name, version)]
 

@@ -103,8 +103,11 @@ def test_browse_compare_demo_and_license(site):
         page.select_option("select[name=kind]", "weight")
         page.click("#license-button")
         expect(page.locator("#licences")).to_contain_text("finance-expert")
-        link = page.locator("#licences a", has_text="weights")
-        assert "/download/" in link.get_attribute("href")
+        form = page.locator("#licences form.download-form")  # the signature travels in a POST
+        assert "/download/" in form.get_attribute("action")
+        with page.expect_download() as download:
+            form.locator("button", has_text="weights").click()
+        assert download.value.suggested_filename == "finance-expert-1.tar.gz"
         page.screenshot(path=str(ARTIFACTS / "account.png"), full_page=True)
 
         page.click("#new-key-button")

@@ -26,15 +26,15 @@ from marketplace.sample import record_sample_shares, sample_catalog
 DOMAINS = ["law", "medicine", "finance", "tax"]
 
 
-def build_market(base, folder, **overrides) -> Market:
+def build_market(base, folder, ledger_url=None, domains=DOMAINS, **overrides) -> Market:
     config = MarketplaceConfig(
         secret="test-secret-0123456789",
         base_model_path=base.path,
         min_domains=20,
         **overrides,
     )
-    ledger = Ledger(f"sqlite:///{folder / 'ledger.db'}")
-    catalog = sample_catalog(base, folder / "experts", DOMAINS)
+    ledger = Ledger(ledger_url or f"sqlite:///{folder / 'ledger.db'}")
+    catalog = sample_catalog(base, folder / "experts", domains)
     record_sample_shares(ledger, catalog)
     return Market(config, catalog, Licensing(ledger))
 
