@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from factory.ledger import Ledger
-from marketplace.licensing import Licensing
 from marketplace.app import create_app
 from marketplace.auth import check_link, csrf_token, session_buyer, session_cookie, sign_link
 from marketplace.catalog import DEFAULT_PRICES, entry_from_tags
+from marketplace.licensing import Licensing
 from marketplace.market import Market, MarketplaceConfig
 from marketplace.readiness import readiness
 from marketplace.sample import record_sample_shares, sample_catalog
@@ -233,8 +233,7 @@ def test_exclusive_expert_is_refused_to_everyone_else(client, market):
     assert "tax-expert" not in client.get("/").text
     assert client.get("/experts/tax-expert").status_code == 404
     assert (
-        client.post("/demo/stream", data={"expert": "tax-expert", "prompt": "a"}).status_code
-        == 404
+        client.post("/demo/stream", data={"expert": "tax-expert", "prompt": "a"}).status_code == 404
     )
     body = {"model": "tax-expert", "prompt": "a", "max_tokens": 1}
     assert client.post("/v1/completions", json=body, headers=other_headers).status_code == 404

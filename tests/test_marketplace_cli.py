@@ -11,9 +11,9 @@ import pytest
 
 from cli.main import main
 from factory.ledger import Ledger
-from marketplace.licensing import Licensing
 from infra.settings import get_settings
 from marketplace.auth import check_link
+from marketplace.licensing import Licensing
 
 
 def test_statement_prints_shares_and_a_signed_link(taas_home, monkeypatch, capsys):
