@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text
 
 from factory.ledger import Ledger
 from marketplace.licensing import KEY_REFUSALS, UNALLOCATED, Licensing, split_cents
@@ -15,9 +16,16 @@ JAN = datetime(2026, 1, 15, tzinfo=UTC)
 FEB = datetime(2026, 2, 3, tzinfo=UTC)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("postgres_url")  # tests/pg.py: a real PostgreSQL server
+
+
 @pytest.fixture
-def licensing(tmp_path):
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def licensing(ledger_url):
+    ledger = Ledger(ledger_url)
     ledger.register_contributor("alice", "a" * 44)
     ledger.register_contributor("bob", "b" * 44)
     ledger.register_contributor("carol", "c" * 44)
@@ -83,11 +91,15 @@ def test_key_refusal_reasons(licensing):
         licensing.create_buyer("  ")
 
 
-def test_secret_is_stored_hashed(licensing, tmp_path):
+def test_secret_is_stored_hashed(licensing, ledger_url, tmp_path):
     buyer = licensing.create_buyer("Acme")
     key = licensing.issue_key(buyer)
     secret = key.split("_", 2)[2]
-    assert secret.encode() not in (tmp_path / "ledger.db").read_bytes()
+    with licensing.engine.connect() as connection:
+        stored = [str(row) for row in connection.execute(text("SELECT * FROM api_keys"))]
+    assert len(stored) == 1 and secret not in stored[0] and key.split("_")[1] in stored[0]
+    if ledger_url.startswith("sqlite"):
+        assert secret.encode() not in (tmp_path / "ledger.db").read_bytes()
 
 
 def test_metering_is_exact_and_invoices_price_it(licensing):
