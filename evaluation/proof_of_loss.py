@@ -11,11 +11,17 @@ Definitions (all on the same seeded held-out batches, fixed before candidates ar
 
 :class:`PolEvaluator` loads the base model once, wraps it with a PEFT LoRA and swaps adapter
 weights in place for each evaluation; ``None`` disables the adapter (the base, zero delta).
-Evaluation runs in eval mode under ``torch.no_grad``; on CPU the same inputs give the same numbers.
+Evaluation runs in eval mode under ``torch.inference_mode``; on CPU the same inputs give the same
+numbers. Each loss is computed once per (base, batch plan, adapter): repeated requests (the base
+for every candidate, the current and merged versions at WiSE-FT's alpha 0 and 1) are answered from
+memory, and with a ``cache_dir`` from ``<cache_dir>/<plan key>/<adapter key>.json`` across
+evaluators, tasks and reruns. The plan key hashes the base's sha256, the held-out blocks, the
+batch indices and the evaluation dtype; the adapter key hashes the tensors and their LoRA config.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -24,7 +30,11 @@ from typing import Any
 
 import torch
 
-from factory.hashing import json_sha256
+from factory.hashing import bytes_sha256, json_sha256, tensors_sha256
+from infra.atomic import atomic_write_json
+
+#: bumped whenever the loss definition or its numerics change, so old cache entries are not read
+LOSS_CACHE_VERSION = 1
 
 Adapter = dict[str, torch.Tensor]
 
@@ -110,6 +120,8 @@ class PolEvaluator:
         num_batches: int,
         seed: int,
         adapter_config: dict[str, Any],
+        base_model_sha256: str | None = None,
+        cache_dir: Path | None = None,
     ):
         from datasets import load_from_disk
         from peft import get_peft_model
@@ -130,6 +142,21 @@ class PolEvaluator:
         self._default = self._slot_name(self.adapter_config)
         self.model = get_peft_model(model, self._lora_config(adapter_config), self._default)
         self.model.eval()
+        if cache_dir is not None and base_model_sha256 is None:
+            raise ValueError("cache_dir: give base_model_sha256 too (it keys the loss cache)")
+        self.plan_key = json_sha256(
+            {
+                "version": LOSS_CACHE_VERSION,
+                "base_model_sha256": base_model_sha256 or str(Path(base_model_path).resolve()),
+                "blocks_sha256": bytes_sha256(self.blocks.numpy().tobytes()),
+                "blocks_shape": list(self.blocks.shape),
+                "batch_indices": self.batch_indices,
+                "dtype": str(next(model.parameters()).dtype),
+            }
+        )
+        self.cache_dir = Path(cache_dir) / self.plan_key[:24] if cache_dir is not None else None
+        self._memo: dict[str, list[float]] = {}
+        self.forward_passes = 0  # evaluations actually run (not answered from a cache)
 
     @staticmethod
     def _slot_name(config: dict[str, Any]) -> str:
@@ -174,8 +201,9 @@ class PolEvaluator:
                     )
                 target.copy_(tensor)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _batch_losses(self) -> list[float]:
+        self.forward_passes += 1
         losses = []
         for indices in self.batch_indices:
             batch = self.blocks[indices]
@@ -187,15 +215,48 @@ class PolEvaluator:
 
     def loss(self, adapter: Adapter | None, adapter_config: dict | None = None) -> LossReport:
         """Held-out loss with ``adapter`` (None: the base) under its config (default: ours)."""
-        if adapter is None:
-            with self.model.disable_adapter():
+        config = adapter_config or self.adapter_config
+        key = "base" if adapter is None else adapter_key(adapter, config)
+        per_batch = self._cached(key)
+        if per_batch is None:
+            if adapter is None:
+                with self.model.disable_adapter():
+                    per_batch = self._batch_losses()
+            else:
+                self._load_weights(adapter, self._activate(config))
                 per_batch = self._batch_losses()
-        else:
-            slot = self._activate(adapter_config or self.adapter_config)
-            self._load_weights(adapter, slot)
-            per_batch = self._batch_losses()
+            self._store(key, per_batch)
         return LossReport(
             mean=mean_finite_loss(per_batch),
             per_batch=per_batch,
             batch_indices=[list(b) for b in self.batch_indices],
         )
+
+    def _cached(self, key: str) -> list[float] | None:
+        if key in self._memo:
+            return list(self._memo[key])
+        path = self.cache_dir / f"{key}.json" if self.cache_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            per_batch = [float(x) for x in entry["per_batch"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable entry is recomputed (and rewritten), never trusted
+        if entry.get("plan_key") != self.plan_key or len(per_batch) != len(self.batch_indices):
+            return None
+        self._memo[key] = per_batch
+        return list(per_batch)
+
+    def _store(self, key: str, per_batch: list[float]) -> None:
+        self._memo[key] = list(per_batch)
+        if self.cache_dir is not None:
+            atomic_write_json(
+                self.cache_dir / f"{key}.json",
+                {"plan_key": self.plan_key, "per_batch": [_json_float(x) for x in per_batch]},
+            )
+
+
+def adapter_key(adapter: Adapter, config: dict[str, Any]) -> str:
+    """The loss cache's name for an adapter: sha256 over its tensors and its LoRA config."""
+    return json_sha256({"tensors": tensors_sha256(adapter), "config": config})[:40]

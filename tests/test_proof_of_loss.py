@@ -130,3 +130,38 @@ def test_evaluator_matches_the_definition_and_repeats_exactly(tiny_base, heldout
             assert value == pytest.approx(manual / (batch.shape[0] * (SEQ_LEN - 1)), abs=1e-4)
     # and switching back to the default config still gives the earlier numbers exactly
     assert evaluator.loss(noisy).per_batch == changed.per_batch
+
+
+def test_losses_are_computed_once_per_plan_and_adapter_and_shared_through_the_cache(
+    tiny_base, heldout, tmp_path
+):
+    cache = tmp_path / "pol_cache"
+    first = PolEvaluator(tiny_base.path, heldout, 4, 3, 0, CONFIG, "a" * 64, cache)
+    noisy = _random_adapter(first, 2, scale=0.5)
+    base, changed = first.loss(None), first.loss(noisy)
+    assert first.forward_passes == 2
+    # the same requests again (the base for every candidate, alpha 0 and 1): no forward pass
+    assert first.loss(None).per_batch == base.per_batch
+    assert first.loss({k: v.clone() for k, v in noisy.items()}).per_batch == changed.per_batch
+    assert first.forward_passes == 2
+    # a second evaluator on the same base and batch plan reads the numbers from disk
+    second = PolEvaluator(tiny_base.path, heldout, 4, 3, 0, CONFIG, "a" * 64, cache)
+    assert second.plan_key == first.plan_key
+    assert second.loss(noisy).per_batch == changed.per_batch
+    assert second.loss(None).per_batch == base.per_batch
+    assert second.forward_passes == 0
+    # another batch seed, or another base hash, is another plan: computed, not reused
+    other_seed = PolEvaluator(tiny_base.path, heldout, 4, 3, 1, CONFIG, "a" * 64, cache)
+    other_base = PolEvaluator(tiny_base.path, heldout, 4, 3, 0, CONFIG, "b" * 64, cache)
+    assert len({first.plan_key, other_seed.plan_key, other_base.plan_key}) == 3
+    assert other_seed.loss(None).per_batch != base.per_batch
+    assert other_base.loss(None).per_batch == base.per_batch
+    assert other_seed.forward_passes == 1 and other_base.forward_passes == 1
+    # a corrupt entry is recomputed and rewritten, never trusted
+    entry = cache / first.plan_key[:24] / "base.json"
+    entry.write_text("{not json")
+    third = PolEvaluator(tiny_base.path, heldout, 4, 3, 0, CONFIG, "a" * 64, cache)
+    assert third.loss(None).per_batch == base.per_batch and third.forward_passes == 1
+    assert json.loads(entry.read_text())["plan_key"] == first.plan_key
+    with pytest.raises(ValueError, match="base_model_sha256"):
+        PolEvaluator(tiny_base.path, heldout, 4, 3, 0, CONFIG, None, cache)
