@@ -1,4 +1,8 @@
-"""The ledger: contributors and their keys, reward shares, and (later) licences and revenue.
+"""The ledger: contributors and their keys, and their reward shares per cycle.
+
+A cycle's shares are recorded under its cycle key (``<commission_id>/cycle-<n>``) and the sha256
+of the adapter it produced; the marketplace (:mod:`marketplace.licensing`, its tables in the same
+database) maps a registered version to its commission's cycles when it splits revenue.
 
 SQLAlchemy on SQLite by default (``Settings.db_url``); a PostgreSQL URL works through settings.
 Every write is one transaction. Money and shares are stored as exact decimal strings.
