@@ -3,21 +3,27 @@
 A candidate (see :mod:`factory.candidate`) is untrusted input. It is rejected with exactly one
 reason from :class:`Reason`; the checks run in this order and the first failure decides:
 
-1. ``unreadable``: a file is missing or over its size cap, the manifest is not JSON or does not
-   fit :class:`CandidateManifest`, ``created_at`` is not an ISO timestamp;
+1. ``unreadable``: a file is missing or over its size cap, the manifest is not JSON (or nested
+   deeper than a manifest ever is: checked before parsing, so no RecursionError) or does not fit
+   :class:`CandidateManifest`, ``created_at`` is not an ISO timestamp;
 2. ``unknown_contributor``: no public key registered for the manifest's contributor;
 3. ``bad_signature``: the signature does not verify over the manifest's canonical JSON;
-4. ``wrong_base``: the manifest names another base model hash;
-5. ``late``: wrong expert or cycle, a parent other than the current version, ``created_at`` or
-   arrival (the manifest file's mtime) after the deadline;
-6. ``unreadable``: the adapter file is not safetensors. The 8-byte little-endian header length
-   and the JSON header are parsed here under a size cap, dtypes and offsets are checked, and
-   only then does safetensors deserialize: anything else (a pickle, say) is never deserialized;
-7. ``unexpected_keys`` / ``shape_mismatch``: keys, shapes and dtypes against the reference
+4. ``wrong_folder``: an inbox candidate signed by someone other than the contributor whose folder
+   it was dropped into (``arrival.json``, written by the factory's inbox scan);
+5. ``wrong_base``: the manifest names another base model hash;
+6. ``late``: wrong expert, cycle or commission (an inbox candidate must name
+   ``GateContext.commission_id``), a parent other than the current version, ``created_at`` or
+   arrival after the deadline (the store's time recorded in ``arrival.json``; for the factory's
+   own lines the manifest file's mtime);
+7. ``unreadable``: the adapter file is not safetensors. The 8-byte little-endian header length
+   and the JSON header are parsed here under a size cap, every entry's types are checked (dtype
+   a string, shape and offsets lists of non-negative integers) before any arithmetic, and only
+   then does safetensors deserialize: anything else (a pickle, say) is never deserialized;
+8. ``unexpected_keys`` / ``shape_mismatch``: keys, shapes and dtypes against the reference
    (decided from the header, before the tensors are read);
-8. ``hash_mismatch``: ``tensors_sha256`` differs from the manifest's ``adapter_sha256``;
-9. ``non_finite``: a NaN or inf in any tensor;
-10. ``duplicate`` (:func:`screen_candidates`, across candidates in arrival order, the first keeps
+9. ``hash_mismatch``: ``tensors_sha256`` differs from the manifest's ``adapter_sha256``;
+10. ``non_finite``: a NaN or inf in any tensor;
+11. ``duplicate`` (:func:`screen_candidates`, across candidates in arrival order, the first keeps
     its place): the same adapter sha256, or cosine > ``near_duplicate_cosine`` between the
     flattened effective weight deltas (candidate - current, see :func:`delta_cosine`); and
     after scoring (:func:`screen_losses`) exactly the same held-out loss as an earlier accepted
@@ -63,6 +69,10 @@ class Reason(StrEnum):
     SHAPE_MISMATCH = "shape_mismatch"
     NON_FINITE = "non_finite"
     DUPLICATE = "duplicate"
+    WRONG_FOLDER = "wrong_folder"
+
+
+MAX_MANIFEST_DEPTH = 4  # a manifest is one flat object; JSON nested deeper is refused unparsed
 
 
 class PublicKeys(Protocol):
@@ -84,6 +94,9 @@ class GateContext:
     current_adapter: Adapter | None = None
     reference_dtype: torch.dtype = torch.float32
     near_duplicate_cosine: float = 0.99
+    # The commission being trained; an inbox candidate must name it (None: every inbox
+    # candidate is refused, the safe answer when the caller did not say).
+    commission_id: str | None = None
     max_adapter_bytes: int = 512 << 20
     max_header_bytes: int = 1 << 20
     max_manifest_bytes: int = 64 << 10
@@ -142,6 +155,41 @@ def _parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _json_depth_ok(data: bytes, limit: int) -> bool:
+    """True when brackets outside strings nest at most ``limit`` deep (a linear scan, no parse)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def _loads_untrusted(data: bytes, what: str, depth: int) -> object:
+    if not _json_depth_ok(data, depth):
+        raise Rejected(Reason.UNREADABLE, f"{what}: JSON nested deeper than {depth} levels")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Rejected(Reason.UNREADABLE, f"{what}: not JSON") from None
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def parse_safetensors_header(data: bytes, max_header_bytes: int) -> dict[str, dict]:
     """The tensor entries of a safetensors file's JSON header, checked without deserializing."""
     if len(data) < 8:
@@ -150,19 +198,27 @@ def parse_safetensors_header(data: bytes, max_header_bytes: int) -> dict[str, di
     if length > max_header_bytes or 8 + length > len(data):
         raise Rejected(Reason.UNREADABLE, f"adapter: header length {length} is not plausible")
     try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        header = _loads_untrusted(data[8 : 8 + length], "adapter header", 4)
+    except Rejected:
         raise Rejected(Reason.UNREADABLE, "adapter: header is not JSON (not safetensors)") from None
     if not isinstance(header, dict):
         raise Rejected(Reason.UNREADABLE, "adapter: header is not a JSON object")
     header.pop("__metadata__", None)
     body = len(data) - 8 - length
     for key, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = math.prod(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
-            raise Rejected(Reason.UNREADABLE, f"adapter: bad header entry {key!r}") from None
+        # Types first: a list-valued dtype or string offsets must be refused, not raise.
+        fields = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(_is_index(d) for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_index(o) for o in offsets)
+        ):
+            raise Rejected(Reason.UNREADABLE, f"adapter: bad header entry {key[:64]!r}")
+        (start, end), numel = offsets, math.prod(shape)
         if dtype not in _ITEMSIZE:
             raise Rejected(Reason.SHAPE_MISMATCH, f"adapter[{key}]: dtype {dtype} is not float")
         if not (0 <= start <= end <= body and end - start == numel * _ITEMSIZE[dtype]):
@@ -185,11 +241,21 @@ def _check_layout(header: dict[str, dict], ctx: GateContext) -> None:
             raise Rejected(Reason.SHAPE_MISMATCH, f"{key}: dtype {entry['dtype']}")
 
 
-def _check(files: CandidateFiles, ctx: GateContext, state: dict) -> tuple[Adapter, str]:
+def _arrival(files: CandidateFiles) -> dict | None:
+    """The factory's own record of an inbox candidate (None for the factory's lines)."""
     try:
-        manifest = CandidateManifest.model_validate(
-            json.loads(_read_capped(files.manifest, ctx.max_manifest_bytes, "manifest"))
-        )
+        record = json.loads(files.arrival.read_text())
+    except FileNotFoundError:
+        return None
+    assert isinstance(record, dict) and "contributor_id" in record, "arrival.json is ours"
+    return record
+
+
+def _check(files: CandidateFiles, ctx: GateContext, state: dict) -> tuple[Adapter, str]:
+    raw = _read_capped(files.manifest, ctx.max_manifest_bytes, "manifest")
+    body = _loads_untrusted(raw, "manifest", MAX_MANIFEST_DEPTH)
+    try:
+        manifest = CandidateManifest.model_validate(body)
     except (ValueError, ValidationError) as exc:
         raise Rejected(Reason.UNREADABLE, f"manifest: {str(exc).splitlines()[0]}") from None
     state["candidate_id"], state["contributor_id"] = manifest.candidate_id, manifest.contributor_id
@@ -201,13 +267,27 @@ def _check(files: CandidateFiles, ctx: GateContext, state: dict) -> tuple[Adapte
     if not verify(public, manifest.model_dump(mode="json"), signature.strip()):
         raise Rejected(Reason.BAD_SIGNATURE, "signature does not verify over the manifest")
     state["signature_verified"] = True
+    arrival = _arrival(files)
+    if arrival is not None and arrival["contributor_id"] != manifest.contributor_id:
+        raise Rejected(
+            Reason.WRONG_FOLDER,
+            f"signed by {manifest.contributor_id!r}, dropped into {arrival['contributor_id']!r}'s "
+            "folder",
+        )
     if manifest.base_model_sha256 != ctx.base_model_sha256:
         raise Rejected(Reason.WRONG_BASE, f"base {manifest.base_model_sha256[:12]}")
     if manifest.expert_id != ctx.expert_id or manifest.cycle != ctx.cycle:
         raise Rejected(Reason.LATE, f"for {manifest.expert_id} cycle {manifest.cycle}")
+    if arrival is not None and (
+        ctx.commission_id is None or manifest.commission_id != ctx.commission_id
+    ):
+        raise Rejected(Reason.LATE, f"for commission {manifest.commission_id[:40]!r}")
     if manifest.parent_adapter_sha256 != ctx.current_adapter_sha256:
         raise Rejected(Reason.LATE, "trained from another version than the current one")
-    arrived = datetime.fromtimestamp(files.manifest.stat().st_mtime, UTC)
+    if arrival is not None:
+        arrived = datetime.fromisoformat(arrival["stored_at"])
+    else:
+        arrived = datetime.fromtimestamp(files.manifest.stat().st_mtime, UTC)
     if created_at > ctx.deadline or arrived > ctx.deadline:
         raise Rejected(Reason.LATE, f"created {created_at}, arrived {arrived}")
     data = _read_capped(files.adapter, ctx.max_adapter_bytes, "adapter")

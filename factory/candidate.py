@@ -4,6 +4,11 @@ A candidate folder holds ``adapter_model.safetensors`` + ``adapter_config.json``
 after training from the parent version, i.e. current + delta), ``candidate.json`` (the
 :class:`CandidateManifest`) and ``candidate.sig`` (the contributor's ed25519 signature over the
 manifest's canonical JSON, base64). The gate in :mod:`evaluation.gate` checks all of it.
+
+The manifest names the commission and cycle it was made for (``commission_id``, ``cycle``), so an
+old candidate cannot be replayed into a later commission of the same expert. A candidate staged
+from the inbox also holds ``arrival.json``, written by the factory (never by the contributor):
+whose folder it came from and when the factory first saw it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from infra.atomic import atomic_write_json, atomic_write_text, committed_dir
 
 MANIFEST_FILE = "candidate.json"
 SIGNATURE_FILE = "candidate.sig"
+ARRIVAL_FILE = "arrival.json"
 
 
 class CandidateManifest(BaseModel):
@@ -29,6 +35,9 @@ class CandidateManifest(BaseModel):
 
     candidate_id: str
     expert_id: str
+    # "" only for the factory's own lines, written into the commission's own folder; the gate
+    # refuses an inbox candidate that does not name the commission being trained.
+    commission_id: str = ""
     cycle: int = Field(ge=0)
     contributor_id: str
     base_model_sha256: str
@@ -62,6 +71,10 @@ class CandidateFiles:
     @property
     def signature(self) -> Path:
         return self.folder / SIGNATURE_FILE
+
+    @property
+    def arrival(self) -> Path:
+        return self.folder / ARRIVAL_FILE
 
 
 def write_candidate(

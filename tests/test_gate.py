@@ -270,3 +270,98 @@ def test_our_own_io_failure_is_raised_not_blamed_on_the_contributor(world):
 def test_naive_deadline_is_refused():
     with pytest.raises(ValueError, match="deadline"):
         GateContext("law", 1, BASE_SHA, None, datetime(2030, 1, 1), None, SHAPES, CONFIG)
+
+
+# -- hostile uploads that used to raise out of the gate and abort the cycle --
+
+
+def _raw_safetensors(header: dict, body: bytes = b"\0" * 64) -> bytes:
+    import json
+
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body
+
+
+A_KEY = next(iter(SHAPES))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": ["F32"], "shape": [2, 8], "data_offsets": [0, 64]},  # TypeError: unhashable
+        {"dtype": {"F32": 1}, "shape": [2, 8], "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": [2, 8], "data_offsets": ["0", "64"]},  # TypeError: str <= int
+        {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64, 128]},
+        {"dtype": "F32", "shape": [2, 8], "data_offsets": 64},
+        {"dtype": "F32", "shape": [True, 16], "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": [-2, -8], "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": "2x8", "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": [2.0, 8], "data_offsets": [0, 64]},
+        ["not", "an", "object"],
+    ],
+)
+def test_a_malformed_header_after_a_valid_signature_is_unreadable(world, entry):
+    root, keys, ctx = world
+    files = make(root, keys, "c")
+    files.adapter.write_bytes(_raw_safetensors({A_KEY: entry}))
+    decision = check_candidate(files, ctx)
+    assert decision.signature_verified
+    assert (decision.accepted, decision.reason) == (False, Reason.UNREADABLE)
+    assert decision.detail.startswith("adapter: bad header entry")
+
+
+@pytest.mark.parametrize("text", ["[" * 60000, '{"a":' * 8000 + "1" + "}" * 8000, "[[[[[1]]]]]"])
+def test_a_deeply_nested_unsigned_manifest_is_unreadable_not_a_recursion_error(world, text):
+    root, keys, ctx = world
+    files = make(root, keys, "c")
+    files.manifest.write_text(text)  # unsigned: the gate never gets to the signature
+    decision = check_candidate(files, ctx)
+    assert (decision.reason, decision.signature_verified) == (Reason.UNREADABLE, False)
+    assert "nested deeper than 4 levels" in decision.detail
+
+
+def _staged(files: CandidateFiles, contributor: str, stored_at: datetime) -> CandidateFiles:
+    import json
+
+    record = {"contributor_id": contributor, "first_seen": stored_at.isoformat(),
+              "stored_at": stored_at.isoformat()}  # fmt: skip
+    files.arrival.write_text(json.dumps(record))
+    return files
+
+
+def _ctx(ctx: GateContext, commission: str | None) -> GateContext:
+    from dataclasses import replace
+
+    return replace(ctx, commission_id=commission)
+
+
+ON_TIME = datetime(2029, 12, 31, 23, 0, tzinfo=UTC)
+
+
+def test_an_inbox_candidate_must_be_signed_by_its_folders_contributor(world):
+    root, keys, ctx = world
+    honest = _staged(make(root, keys, "mine", commission_id="c-now"), "alice", ON_TIME)
+    assert check_candidate(honest, _ctx(ctx, "c-now")).accepted
+    # bob re-signs nothing: alice's own signed candidate copied into bob's folder
+    copied = _staged(make(root, keys, "copy", commission_id="c-now"), "bob", ON_TIME)
+    decision = check_candidate(copied, _ctx(ctx, "c-now"))
+    assert (decision.reason, decision.signature_verified) == (Reason.WRONG_FOLDER, True)
+    assert "dropped into 'bob'" in decision.detail
+
+
+@pytest.mark.parametrize("named,expected", [("c-old", "c-new"), ("", "c-new"), ("c-new", None)])
+def test_an_old_candidate_cannot_replay_into_a_later_commission(world, named, expected):
+    root, keys, ctx = world
+    files = _staged(make(root, keys, "old", commission_id=named), "alice", ON_TIME)
+    decision = check_candidate(files, _ctx(ctx, expected))
+    assert (decision.reason, decision.signature_verified) == (Reason.LATE, True)
+    assert decision.detail.startswith("for commission")
+
+
+def test_an_inbox_candidate_arrives_when_the_store_says(world):
+    root, keys, ctx = world
+    files = make(root, keys, "c", commission_id="c-now")  # its manifest mtime is on time ...
+    _staged(files, "alice", DEADLINE.replace(minute=5))  # ... the store received it late
+    assert check_candidate(files, _ctx(ctx, "c-now")).reason == Reason.LATE
+    # The factory's own lines (no arrival record) need no commission id, as before.
+    assert check_candidate(make(root, keys, "line"), _ctx(ctx, "c-now")).accepted
