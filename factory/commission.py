@@ -105,8 +105,15 @@ class BudgetSection(_Section):
 
 
 class HeldoutSection(_Section):
+    """The held-out split, and how much of it each evaluation reads: Proof-of-Loss scores on
+    ``pol_batches`` seeded batches (fewer when the split has fewer distinct batches; BlockZero's
+    validator uses 51), composition and the router's checks on the first ``eval_blocks`` blocks
+    of each domain's held-out set."""
+
     fraction: float = Field(default=0.1, gt=0, lt=1)
     min_tokens: int = Field(default=2048, ge=1)
+    pol_batches: int = Field(default=16, ge=1, le=1024)
+    eval_blocks: int = Field(default=256, ge=1)
 
 
 class MergeSection(_Section):
@@ -149,7 +156,10 @@ class RouterSection(_Section):
 
 
 class BenchmarksSection(_Section):
+    """Extra lm-eval tasks, and ``limit``: at most that many items of every task (None: all)."""
+
     tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, ge=1)
 
 
 # The prices a commission may set; the library keeps them as tags of these names.

@@ -55,6 +55,7 @@ def benchmark(
     if library.champion is not None:
         models["champion"] = str(library.champion)
     tasks = [task_name, *GENERAL_TASKS, *spec.benchmarks.tasks]
-    result = run_benchmarks(job.base_model_path, models, tasks, [general_dir, own.parent])
+    result = run_benchmarks(job.base_model_path, models, tasks, [general_dir, own.parent],
+                            limit=spec.benchmarks.limit)  # fmt: skip
     result.save(results_path)
     return result

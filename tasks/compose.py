@@ -214,8 +214,10 @@ def compose(
     )
     existing = [load_expert(folder) for folder in library.experts]
     before = load_mixture(base, library.experts, top_k=spec.router.top_k)
-    heldout = blocks(job.data_dir / "heldout")
-    general = blocks(job.general_dir)
+    # The router checks read a bounded sample of each held-out set (spec heldout.eval_blocks):
+    # on a 30-layer base a full general set costs minutes per mixture evaluated.
+    heldout = blocks(job.data_dir / "heldout", spec.heldout.eval_blocks)
+    general = blocks(job.general_dir, spec.heldout.eval_blocks)
     replay = {"general": general[:REPLAY_BLOCKS]}
     heldout_by_domain = {job.expert_id: heldout, "general": general}
     for other in existing:

@@ -75,12 +75,14 @@ class CyclePlan(BaseModel):
     parent_dir: Path | None
 
 
-def pol_plan(num_blocks: int, seed: int, cycle: int) -> PolPlan:
-    """``min(8, num_blocks)`` blocks per batch, up to 16 batches, a seed from (seed, cycle)."""
+def pol_plan(num_blocks: int, seed: int, cycle: int, max_batches: int = POL_MAX_BATCHES) -> PolPlan:
+    """``min(8, num_blocks)`` blocks per batch, up to ``max_batches`` batches (the spec's
+    ``heldout.pol_batches``; never more than the split's distinct batches), a seed from
+    (seed, cycle)."""
     batch_size = min(POL_BATCH_SIZE, num_blocks)
     return PolPlan(
         batch_size=batch_size,
-        num_batches=max(1, min(POL_MAX_BATCHES, num_blocks // batch_size)),
+        num_batches=max(1, min(max_batches, num_blocks // batch_size)),
         seed=int(json_sha256({"seed": seed, "cycle": cycle})[:8], 16),
     )
 
@@ -103,7 +105,7 @@ def distribute(inputs: CycleInputs, settings: Settings) -> CyclePlan:
     plan = CyclePlan(
         lines=lines,
         key_paths=keys,
-        pol=pol_plan(num_heldout, spec.seed, inputs.cycle),
+        pol=pol_plan(num_heldout, spec.seed, inputs.cycle, spec.heldout.pol_batches),
         deadline=datetime.now(UTC) + timedelta(seconds=TRAIN_TIMEOUT_S),
         parent_dir=inputs.parent_dir,
     )

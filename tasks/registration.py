@@ -121,9 +121,11 @@ def gate_inputs(
     from tasks.cycle import pol_plan
 
     expert = load_expert(composed.expert_dir)
-    plan = pol_plan(len(blocks(job.data_dir / "heldout")), spec.seed, len(cycles) + 1)
+    plan = pol_plan(len(blocks(job.data_dir / "heldout")), spec.seed, len(cycles) + 1,
+                    spec.heldout.pol_batches)  # fmt: skip
     evaluator = PolEvaluator(job.base_model_path, job.data_dir / "heldout", plan.batch_size,
-                             plan.num_batches, plan.seed, expert.adapter_config)  # fmt: skip
+                             plan.num_batches, plan.seed, expert.adapter_config,
+                             job.base_model_sha256, job.root / "cycles" / "pol-cache")  # fmt: skip
     candidate_loss = evaluator.loss(expert.adapter, expert.adapter_config)
     if library.champion is not None:
         reference = load_expert(library.champion)

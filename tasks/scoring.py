@@ -64,8 +64,11 @@ def scoring_setup(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> S
     pol = plan.pol
 
     def evaluator(folder: Path) -> PolEvaluator:
+        # Losses are cached beside the cycles, keyed by base, batch plan and adapter: a rerun,
+        # the merge and the alpha search never evaluate the same adapter twice.
         return PolEvaluator(inputs.base_model_path, folder, pol.batch_size, pol.num_batches,
-                            pol.seed, config)  # fmt: skip
+                            pol.seed, config, inputs.base_model_sha256,
+                            inputs.cycle_dir.parent / "pol-cache")  # fmt: skip
 
     ledger = Ledger(settings.db_url)
     gate = GateContext(
@@ -84,6 +87,8 @@ def scoring_setup(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> S
         ),  # fmt: skip
         adapter_config=config,
         current_adapter=parent,
+        # Inbox candidates must name this commission (an old one cannot replay into it).
+        commission_id=inputs.commission_id,
     )
     return ScoringSetup(
         parent=parent,
