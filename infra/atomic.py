@@ -2,7 +2,14 @@
 
 A committed folder holds its files and, written last, ``COMMITTED.json`` listing every file's
 sha256. Readers call :func:`verify_committed` and ignore a folder whose marker is missing or whose
-files do not match it, so a crash mid-write never yields a half-written artifact.
+files do not match it, so a crash mid-write never yields a half-written artifact. Links are never
+part of a committed folder (a writer that leaves one is refused, a reader treats one as torn), so
+a link swapped in later cannot make a folder read, bundle or serve what it points to.
+
+Replacing a folder takes two renames (old aside to ``.<name>.old``, new into place). A crash
+between them leaves only the ``.old`` copy: :func:`recover_committed` puts it back, and both
+:func:`committed_dir` and :func:`verify_committed` call it first, so the next access finds the
+previous version instead of nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +66,25 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover_committed(final: Path) -> bool:
+    """Restores ``final`` from its ``.old`` copy when a replacement crashed between its renames;
+    True when it did."""
+    final = Path(final)
+    old = _aside(final)
+    if final.exists() or final.is_symlink() or not old.is_dir() or not _verified(old):
+        return False
+    try:
+        os.replace(old, final)
+    except OSError:
+        return False  # a concurrent writer or reader put a folder there first: it wins
+    fsync_dir(final.parent)
+    return True
+
+
 @contextmanager
 def committed_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling folder; on success fsyncs its files, writes the marker, renames.
@@ -68,9 +94,13 @@ def committed_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_committed(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        links = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_symlink())
+        if links:
+            raise ValueError(f"{final}: a committed folder holds no links; found {links[:3]}")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         listing = {}
         for p in files:
@@ -82,7 +112,7 @@ def committed_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} exists")
-            old = final.with_name(f".{final.name}.old")
+            old = _aside(final)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
@@ -91,18 +121,31 @@ def committed_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_committed(final)  # failed between the renames: the previous version goes back
         raise
 
 
 def verify_committed(folder: Path) -> bool:
-    """True when the folder has a marker and every listed file exists with that sha256."""
-    marker = Path(folder) / MARKER
+    """True when the folder has a marker and every listed file exists, a regular file (not a
+    link) with that sha256. A folder lost between a replacement's renames is recovered first."""
+    recover_committed(Path(folder))
+    return _verified(Path(folder))
+
+
+def _verified(folder: Path) -> bool:
+    marker = folder / MARKER
     try:
-        listing = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    for rel, digest in listing.items():
-        path = Path(folder) / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        if marker.is_symlink():
             return False
+        listing = json.loads(marker.read_text())["files"]
+        for rel, digest in listing.items():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                return False
+            path = folder / rel
+            if any(p.is_symlink() for p in (path, *path.parents) if folder in p.parents):
+                return False
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
     return True

@@ -144,3 +144,37 @@ def test_s3_denied_credentials(auth_s3_endpoint, monkeypatch, tmp_path):
 def test_open_store_rejects_other_schemes():
     with pytest.raises(ValueError, match="s3://bucket/prefix"):
         open_store("http://example.com/x")
+
+
+def test_sizes_are_checked_at_download_not_at_listing(s3_store, tmp_path):
+    from infra.storage import ObjectTooLarge
+
+    s3_store.put_bytes("grow.bin", b"abc")
+    (listed,) = s3_store.list("grow.bin")
+    assert listed.size == 3
+    s3_store.put_bytes("grow.bin", b"x" * 4096)  # replaced after it was listed
+    with pytest.raises(ObjectTooLarge, match="4096 bytes > 100 allowed"):
+        s3_store.get_file("grow.bin", tmp_path / "g.bin", max_bytes=100)
+    assert list(tmp_path.iterdir()) == []
+    assert s3_store.get_file("grow.bin", tmp_path / "g.bin").read_bytes() == b"x" * 4096
+
+
+def test_local_get_file_is_capped_and_listing_survives_odd_names(tmp_path):
+    from infra.storage import ObjectTooLarge
+
+    store = LocalStore(tmp_path / "objects")
+    store.put_bytes("inbox/big.bin", b"y" * 1000)
+    with pytest.raises(ObjectTooLarge, match="larger than the 10 bytes allowed"):
+        store.get_file("inbox/big.bin", tmp_path / "out" / "big.bin", max_bytes=10)
+    assert not list((tmp_path / "out").iterdir())
+    (tmp_path / "objects" / "inbox" / "a\\b.bin").write_bytes(b"z")
+    (tmp_path / "objects" / "inbox" / "link.bin").symlink_to(
+        tmp_path / "objects" / "inbox" / "big.bin"
+    )
+    listed = {i.key: (i.size, i.sha256) for i in store.list("inbox/")}
+    assert listed == {
+        "inbox/a\\b.bin": (1, None),
+        "inbox/big.bin": (1000, store._info("inbox/big.bin").sha256),
+    }
+    with pytest.raises(ValueError, match="object key"):
+        store.get_file("inbox/a\\b.bin", tmp_path / "x.bin")
