@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -426,6 +427,15 @@ class MixtureModel(nn.Module):
         return total / max(count, 1)
 
 
+class DecodeStep(NamedTuple):
+    """One decoding step of a batch: the next tokens [B], the route of the position that
+    predicted them [B] (-1 = base) and that position's logits [B, V] (fp32)."""
+
+    token_ids_B: torch.Tensor
+    route_ids_B: torch.Tensor
+    logits_BV: torch.Tensor
+
+
 @torch.no_grad()
 def stream_routes(
     mixture: MixtureModel,
@@ -435,10 +445,10 @@ def stream_routes(
     greedy: bool = True,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Decodes up to ``max_new_tokens`` steps; yields per step (next token ids [B], the route of
-    the position that predicted them [B], -1 = base). Rows may be left-padded (mask 0); the
-    caller decides when a row or the whole batch is finished and stops iterating.
+) -> Iterator[DecodeStep]:
+    """Decodes up to ``max_new_tokens`` steps, yielding a :class:`DecodeStep` per step. Rows may
+    be left-padded (mask 0); the caller decides when a row or the whole batch is finished and
+    stops iterating.
 
     With ``use_cache`` the prompt runs once and each step feeds only the new token with the
     base's KV cache: routing is per token and causal, so cached keys and values (computed from
@@ -456,7 +466,7 @@ def stream_routes(
             step_ids,
             attention_mask=mask_BT,
             position_ids=positions_BT[:, -step_ids.shape[1] :],
-            past_key_values=cache,
+            cache=cache,
             use_cache=use_cache,
             logits_to_keep=1,
             return_routing=True,
@@ -466,10 +476,11 @@ def stream_routes(
             next_B = logits_BV.argmax(-1)
         else:
             next_B = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)[:, 0]
-        yield next_B, majority_route([_last_position(r) for r in trace])[:, 0]
+        route_B = majority_route([_last_position(r) for r in trace])[:, 0]
+        yield DecodeStep(next_B, route_B, logits_BV)
         mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], 1)
         if use_cache:
-            step_ids, cache = next_B[:, None], output.past_key_values
+            step_ids, cache = next_B[:, None], output.cache
         else:
             ids_BT = torch.cat([ids_BT, next_B[:, None]], 1)
             step_ids = ids_BT
@@ -513,7 +524,7 @@ def generate_batch_with_routes(
     routes: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     steps = stream_routes(mixture, ids_BT, mask_BT, max_new_tokens, greedy, generator, use_cache)
-    for next_B, route_B in steps:
+    for next_B, route_B, _ in steps:
         for row, (token, route) in enumerate(zip(next_B.tolist(), route_B.tolist(), strict=True)):
             if not done[row]:
                 new_ids[row].append(token)

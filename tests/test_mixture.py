@@ -8,7 +8,14 @@ from test_mixture_experts import domain_blocks, experts_for
 
 from factory.base_model import load_base
 from factory.expert import save_expert
-from factory.mixture import MixtureModel, generate_with_routes, load_mixture, majority_route
+from factory.mixture import (
+    MixtureModel,
+    generate_batch_with_routes,
+    generate_with_routes,
+    load_mixture,
+    majority_route,
+    stream_routes,
+)
 
 
 def _random_rows(expert, seed: int):
@@ -121,6 +128,75 @@ def test_generate_reports_a_route_per_token(tiny_base):
     assert {route for _, route in routed} <= {"base", "digits-expert", "licence-expert"}
     again, _ = generate_with_routes(mixture, tokenizer, "12 + 30 = 42 ;", 6, greedy=True)
     assert again == text
+
+
+def _mixed_mixture(tiny_base):
+    """The two experts with random rows plus a null route that wins some tokens: the routes
+    of a generation then change from token to token."""
+    mixture, tokenizer = _mixture(tiny_base)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        mixture.router_rows.mul_(3.0)
+        mixture.null_rows.copy_(torch.randn(2, 32, generator=generator) * 3.0)
+    return mixture, tokenizer
+
+
+def _steps(mixture, tokenizer, prompts, num_steps, use_cache=True):
+    """[(tokens [B], routes [B], logits [B, V])] of greedy decoding of left-padded prompts."""
+    token_lists = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(len(ids) for ids in token_lists)
+    ids = torch.tensor([[0] * (width - len(t)) + t for t in token_lists])
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in token_lists])
+    steps = stream_routes(mixture, ids, mask, num_steps, use_cache=use_cache)
+    return [tuple(step) for step in steps]
+
+
+PROMPTS = ["12 + 30 = 42 ; 7 * 6 =", "Permission", "THE SOFTWARE IS PROVIDED AS IS"]
+
+
+def test_kv_cache_generation_gives_the_tokens_and_routes_of_the_full_rerun(tiny_base):
+    mixture, tokenizer = _mixed_mixture(tiny_base)
+    routes_seen = set()
+    for prompt in PROMPTS:
+        cached = _steps(mixture, tokenizer, [prompt], 16, use_cache=True)
+        rerun = _steps(mixture, tokenizer, [prompt], 16, use_cache=False)
+        assert len(cached) == len(rerun) == 16
+        for (tokens, routes, logits), reference in zip(cached, rerun, strict=True):
+            assert torch.equal(tokens, reference[0]) and torch.equal(routes, reference[1])
+            torch.testing.assert_close(logits, reference[2], atol=1e-5, rtol=0)
+            routes_seen.add(int(routes[0]))
+        assert generate_with_routes(mixture, tokenizer, prompt, 16) == generate_with_routes(
+            mixture, tokenizer, prompt, 16, use_cache=False
+        )
+        # Sampling draws the same tokens too: the logits match, the generator is seeded.
+        sampled = [
+            generate_with_routes(mixture, tokenizer, prompt, 8, greedy=False, seed=3, use_cache=c)
+            for c in (True, False)
+        ]
+        assert sampled[0] == sampled[1]
+    assert len(routes_seen) >= 2  # the comparison covers route changes, not one fixed route
+
+
+def test_batched_prompts_generate_what_each_prompt_generates_alone(tiny_base):
+    mixture, tokenizer = _mixed_mixture(tiny_base)
+    lengths = {len(tokenizer(p)["input_ids"]) for p in PROMPTS}
+    assert len(lengths) == 3  # left padding is really exercised
+    batched = _steps(mixture, tokenizer, PROMPTS, 10)
+    for row, prompt in enumerate(PROMPTS):
+        for (tokens, routes, logits), (tokens_1, routes_1, logits_1) in zip(
+            batched, _steps(mixture, tokenizer, [prompt], 10), strict=True
+        ):
+            assert tokens[row] == tokens_1[0] and routes[row] == routes_1[0]
+            torch.testing.assert_close(logits[row], logits_1[0], atol=1e-5, rtol=0)
+    alone = [generate_with_routes(mixture, tokenizer, p, 12) for p in PROMPTS]
+    assert generate_batch_with_routes(mixture, tokenizer, PROMPTS, 12) == alone
+    assert generate_batch_with_routes(mixture, tokenizer, PROMPTS, 12, use_cache=False) == alone
+    try:
+        generate_batch_with_routes(mixture, tokenizer, [], 4)
+    except ValueError as exc:
+        assert "prompts" in str(exc)
+    else:
+        raise AssertionError("an empty batch must be refused")
 
 
 def test_majority_route_breaks_ties_by_probability():
