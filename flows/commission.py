@@ -131,6 +131,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['heldout_loss_expert']:.4f} (mixture {summary['heldout_loss_mixture']:.4f}, "
         f"router {'accepted' if summary['router_accepted'] else 'rejected'})"
     )
+    shares = summary.get("routing_share") or {}
+    if shares:
+        shown = ", ".join(f"{domain} {share:.2f}" for domain, share in sorted(shares.items()))
+        print(f"own-route share of held-out tokens: {shown}")
     for model, tasks in summary["benchmark"].items():
         shown = ", ".join(
             f"{task} {metric} {value:.4g}"

@@ -34,6 +34,9 @@ class CommissionSummary(BaseModel):
     heldout_loss_expert: float
     heldout_loss_mixture: float
     router_accepted: bool
+    # held-out tokens of each domain that route to that domain's own route (the new expert for
+    # its domain, the null route "base" for general text): the router's own-domain share
+    routing_share: dict[str, float] = {}
     benchmark: dict[str, dict[str, dict[str, float]]]  # model -> task -> metric -> value
     registered: Registration | None
     mlflow_run_id: str
@@ -59,11 +62,23 @@ def summarize(
         heldout_loss_expert=composed.expert_heldout_loss,
         heldout_loss_mixture=composed.mixture_heldout_loss,
         router_accepted=composed.accepted,
+        routing_share=own_route_shares(job.expert_id, composed.routing_stats),
         benchmark=bench.table,
         registered=registered,
         mlflow_run_id=job.run_id,
         tracking_uri=job.tracking_uri,
     )
+
+
+def own_route_shares(
+    expert_id: str, routing_stats: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """For each domain of the routing stats, the share of its tokens on its own route: the
+    expert's domain on the expert, "general" on the base, another expert's replay on it."""
+    own = {expert_id: expert_id, "general": "base"}
+    return {
+        domain: shares.get(own.get(domain, domain), 0.0) for domain, shares in routing_stats.items()
+    }
 
 
 def read_summary(path: Path) -> CommissionSummary:
