@@ -2,7 +2,8 @@
 
 :class:`RoutedGenerator` holds the base model once and composes the requested experts into a
 routed mixture (:class:`factory.mixture.MixtureModel`, cached per set of expert folders; the
-mixtures share the base model). Decoding is greedy, one token at a time, so the demo can stream.
+mixtures share the base model). Decoding is greedy, one token at a time with the base's KV cache
+(:func:`factory.mixture.stream_routes`), so the demo can stream.
 As in :func:`factory.mixture.generate_with_routes`, a token's route is the majority over layers
 of the top-1 route at the position that predicted it; ``"base"`` is the mixture's null route
 (the base model alone). The model is shared between requests, so each decoding step runs under
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from factory.base_model import load_base
-from factory.mixture import BASE_ROUTE, MixtureModel, load_mixture, majority_route
+from factory.base_model import format_prompt, load_base
+from factory.mixture import BASE_ROUTE, MixtureModel, load_mixture, stream_routes
 
 MAX_MIXTURES = 16  # expert sets kept composed; each shares the base model
 
@@ -59,11 +60,15 @@ class RoutedGenerator:
         self._building: dict[tuple[Path, ...], threading.Lock] = {}
         self.builds = 0  # mixtures built so far (read by tests and metrics)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a prompt; ValueError naming the limit when it is too long or empty."""
+    def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of a prompt (``chat``: one user turn through the base's chat template, see
+        :func:`factory.base_model.format_prompt`); ValueError naming the limit when it is too
+        long or empty."""
         if len(prompt) > 8 * self.max_prompt_tokens:
             raise ValueError(f"prompt: at most {self.max_prompt_tokens} tokens; shorten it")
-        ids = self.tokenizer(prompt)["input_ids"]
+        text = format_prompt(self.tokenizer, prompt, chat) if prompt.strip() else prompt
+        # the chat template already holds the special tokens it needs
+        ids = self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(
                 f"prompt: {len(ids)} tokens, at most {self.max_prompt_tokens}; shorten it"
@@ -101,23 +106,25 @@ class RoutedGenerator:
             return mixture, by_route
 
     def stream(
-        self, handles: list[ExpertHandle], prompt: str, max_new_tokens: int
+        self, handles: list[ExpertHandle], prompt: str, max_new_tokens: int, chat: bool = False
     ) -> Iterator[RoutedToken]:
         """Greedy tokens one at a time, each with the expert it was routed to."""
         if not handles:
             raise ValueError("model: no expert to generate with")
         if not 1 <= max_new_tokens <= self.max_new_tokens:
             raise ValueError(f"max_tokens: must be between 1 and {self.max_new_tokens}")
-        ids = self.prompt_ids(prompt)
+        ids = self.prompt_ids(prompt, chat)
         generated: list[int] = []
         text_so_far = ""
         eos = self.tokenizer.eos_token_id
         mixture, by_route = self._mixture(handles)
+        steps = stream_routes(mixture, torch.tensor([ids]), max_new_tokens=max_new_tokens)
         for _ in range(max_new_tokens):
+            # One step per hold of the lock, so requests interleave; the KV cache is per request.
             with self._lock, torch.inference_mode():
-                output, trace = mixture(torch.tensor([ids + generated]), return_routing=True)
-                token = int(output.logits[0, -1].argmax())
-                route = mixture.route_name(int(majority_route(trace)[0, -1]))
+                step = next(steps)
+            token = int(step.token_ids_B[0])
+            route = mixture.route_name(int(step.route_ids_B[0]))
             if token == eos:
                 break
             generated.append(token)
