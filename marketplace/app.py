@@ -212,12 +212,15 @@ def create_app(market: Market) -> FastAPI:
             raise HTTPException(429, detail="demo: too many requests, wait a minute")
         handle = market.handle(entry)
         try:
-            market.generator.prompt_ids(prompt)
+            market.generator.prompt_ids(prompt, chat=True)
         except ValueError as exc:
             raise HTTPException(400, detail=str(exc)) from None
 
         def lines() -> Iterator[str]:
-            tokens = market.generator.stream([handle], prompt, config.demo_max_new_tokens)
+            # the live demo is a chat: the prompt is one user turn in the base's chat template
+            tokens = market.generator.stream(
+                [handle], prompt, config.demo_max_new_tokens, chat=True
+            )
             for token in tokens:
                 yield json.dumps({"text": token.text, "expert": token.expert}) + "\n"
             yield json.dumps({"done": True}) + "\n"

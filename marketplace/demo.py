@@ -67,8 +67,8 @@ class RoutedGenerator:
         if len(prompt) > 8 * self.max_prompt_tokens:
             raise ValueError(f"prompt: at most {self.max_prompt_tokens} tokens; shorten it")
         text = format_prompt(self.tokenizer, prompt, chat) if prompt.strip() else prompt
-        # the chat template already holds the special tokens it needs
-        ids = self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+        # a chat template already holds the special tokens it needs
+        ids = self.tokenizer(text, add_special_tokens=text == prompt)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(
                 f"prompt: {len(ids)} tokens, at most {self.max_prompt_tokens}; shorten it"
