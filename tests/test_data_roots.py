@@ -204,3 +204,49 @@ def test_non_utf8_lines_are_reported_by_place_not_content(tmp_path, tiny_base):
 def test_load_spec_records_its_folder(factory_cwd):
     work, _ = factory_cwd
     assert load_spec(_spec(work, "data/leases.jsonl", "jsonl")).spec_dir == work
+
+
+def _parquet(path: Path, texts: list[str]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), path)
+    return path
+
+
+def test_a_parquet_bomb_is_refused_by_its_decoded_size(tmp_path, tiny_base):
+    from factory.data.prepare import prepare_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    bomb = _parquet(data / "bomb.parquet", ["a" * 20_000] * 1_000)  # 20 MB of text decoded
+    assert bomb.stat().st_size < 50_000  # ... in a few kilobytes on disk
+    settings = get_settings(home=tmp_path / "home", data_roots=[data])
+    spec = parse_spec(
+        {"version": 1, "customer": "a", "domain": "leases", "data": [{"uri": str(bomb)}],
+         "quality": {"max_bytes": 1_000_000}}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"quality\.max_bytes: the data decodes to more than "):
+        prepare_data(spec, tiny_base.path, tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_parquet_source_is_read_in_batches(tmp_path, tiny_base):
+    from factory.data.prepare import prepare_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = [json.loads(line)["text"] for line in _rows(300).splitlines()]
+    _parquet(data / "part-0.parquet", texts)
+    settings = get_settings(home=tmp_path / "home", data_roots=[data])
+    spec = parse_spec(
+        {"version": 1, "customer": "a", "domain": "leases", "data": [{"uri": str(data)}],
+         "budget": {"seq_len": 32}, "heldout": {"fraction": 0.2, "min_tokens": 100}}
+    )  # fmt: skip
+    prepared = prepare_data(spec, tiny_base.path, tmp_path / "out", settings)
+    assert prepared.quality["rows_in"] == 300
+    with pytest.raises(ValueError, match=r"quality\.max_rows: part-0\.parquet alone holds 300"):
+        prepare_data(
+            spec.model_copy(update={"quality": spec.quality.model_copy(update={"max_rows": 299})}),
+            tiny_base.path, tmp_path / "out2", settings,
+        )  # fmt: skip

@@ -317,20 +317,27 @@ def _row_text(row: dict, source: DataSource, index: int, uri: str, first: bool) 
 def iter_rows(
     spec: CommissionSpec, files: list[SourceFile], settings: Settings, report: QualityReport
 ) -> Iterator[tuple[int, str]]:
-    """Yields (source_index, text) for every row; raises past ``quality.max_rows``."""
+    """Yields (source_index, text) for every row; raises past ``quality.max_rows`` rows, and
+    past ``quality.max_bytes`` decoded bytes (a parquet file's compressed size says little: 5 KB
+    may decode to 64 MiB, so its record batches are counted as they are decoded)."""
     from datasets import load_dataset
 
     cache = settings.home / "cache" / "clean"
     count = 0
+    budget = _DecodeBudget(spec.quality.max_bytes)
     for file in files:
         source = spec.data[file.source_index]
         path = _utf8_clean(file, cache, report)
         if path.stat().st_size == 0:
             continue  # datasets cannot infer a schema from no bytes; an empty file has no rows
         try:
-            rows = load_dataset(
-                BUILDERS[file.format], data_files=str(path), split="train", streaming=True
-            )
+            if file.format == "parquet":
+                rows = _parquet_rows(path, file.uri, budget, spec.quality.max_rows - count)
+            else:
+                budget.spend(file.size)
+                rows = load_dataset(
+                    BUILDERS[file.format], data_files=str(path), split="train", streaming=True
+                )
             first = True
             for row in rows:
                 count += 1
@@ -350,6 +357,39 @@ def iter_rows(
                 f"data.{file.source_index}: cannot read {file.uri} as {file.format} "
                 f"({_error_kind(exc)}); fix the file or set format"
             ) from None
+
+
+class _DecodeBudget:
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used = max_bytes, 0
+
+    def spend(self, num_bytes: int) -> None:
+        self.used += num_bytes
+        if self.used > self.max_bytes:
+            raise DataError(
+                f"quality.max_bytes: the data decodes to more than {self.max_bytes} bytes; "
+                "use less data or raise quality.max_bytes"
+            )
+
+
+def _parquet_rows(path: Path, uri: str, budget: _DecodeBudget, rows_left: int) -> Iterator[dict]:
+    """A parquet file's rows, one record batch at a time, refused before decoding when its own
+    metadata already says it is too large, and as soon as the decoded batches are."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as parquet:
+        meta = parquet.metadata
+        if meta.num_rows > rows_left:
+            raise DataError(
+                f"quality.max_rows: {Path(uri).name} alone holds {meta.num_rows} rows, more than "
+                "the rows left; use less data or raise quality.max_rows"
+            )
+        declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if budget.used + declared > budget.max_bytes:
+            budget.spend(declared)  # raises: the file says it decodes past the budget
+        for batch in parquet.iter_batches(batch_size=256):
+            budget.spend(batch.nbytes)  # what was decoded, whatever the metadata claimed
+            yield from batch.to_pylist()
 
 
 def _error_kind(exc: Exception) -> str:
