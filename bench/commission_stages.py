@@ -83,9 +83,13 @@ def main() -> int:
     home = (args.home or Path(tempfile.mkdtemp(prefix="taas-stages-"))).resolve()
     os.environ["TAAS_HOME"] = str(home)
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(name, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # what the Makefile exports for `make demo`
+    for name, value in (
+        ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true"),
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("TOKENIZERS_PARALLELISM", "false"),
+    ):  # fmt: skip
+        os.environ.setdefault(name, value)
     sys.path.insert(0, str(REPO))
 
     from datetime import UTC

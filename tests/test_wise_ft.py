@@ -137,3 +137,35 @@ def test_alpha_curve_plot_writes_a_png(tmp_path):
     path = alpha_curve_plot(_curve(), 0.25, tmp_path / "alpha.png", 2.0, 0.05)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_alpha_search_evaluates_only_what_the_merge_has_not(tiny_base, tmp_path):
+    """After scoring (base and merged losses known), a 0/0.5/1 search runs one new domain
+    evaluation (alpha 0.5) and three general ones (base, 0.5, 1); the curve's ends are the
+    known losses exactly."""
+    from evaluation.proof_of_loss import PolEvaluator
+    from factory.base_model import load_base
+    from merging.wise_ft import alpha_search
+    from tests.test_proof_of_loss import domain_text, save_blocks
+
+    _, tokenizer = load_base(tiny_base.path)
+    config = lora_config_dict(4, 8.0)
+    domain_blocks = save_blocks(tokenizer, domain_text(1, 60), tmp_path / "domain")
+    general_blocks = save_blocks(tokenizer, domain_text(2, 60), tmp_path / "general")
+    domain = PolEvaluator(tiny_base.path, domain_blocks, 4, 2, 0, config)
+    general = PolEvaluator(tiny_base.path, general_blocks, 4, 2, 0, config)
+    gen = torch.Generator().manual_seed(3)
+    slot = domain._default
+    merged = {
+        name.replace(f".{slot}.", "."): torch.randn(p.shape, generator=gen) * 0.3
+        for name, p in domain.model.named_parameters()
+        if "lora_" in name
+    }
+    current, merged_loss = domain.loss(None), domain.loss(merged, config)  # what scoring did
+    assert domain.forward_passes == 2
+    search = alpha_search(None, None, merged, config, [0, 0.5, 1], domain, general, 1.0)
+    assert domain.forward_passes == 3 and general.forward_passes == 3
+    ends = {p.alpha: p for p in search.curve}
+    assert ends[0.0].domain_loss == current.mean and ends[1.0].domain_loss == merged_loss.mean
+    assert ends[0.0].general_loss == search.base_general_loss
+    assert ends[0.5].domain_loss != current.mean
