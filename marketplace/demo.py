@@ -7,7 +7,7 @@ mixtures share the base model). Decoding is greedy, one token at a time with the
 As in :func:`factory.mixture.generate_with_routes`, a token's route is the majority over layers
 of the top-1 route at the position that predicted it; ``"base"`` is the mixture's null route
 (the base model alone). The model is shared between requests, so each decoding step runs under
-one lock; composing a new mixture (reading its folders) happens outside it.
+one lock; a mixture is composed once per set of experts (least recently used dropped).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class RoutedGenerator:
             tuple[Path, ...], tuple[MixtureModel, dict[str, ExpertHandle]]
         ] = OrderedDict()
         self._lock = threading.Lock()  # decoding: a forward patches the shared base's MLPs
-        self._cache_lock = threading.Lock()  # the mixture cache only; held for no forward
+        self._cache_lock = threading.Lock()  # the mixture cache only, never during a forward
         self._building: dict[tuple[Path, ...], threading.Lock] = {}
         self.builds = 0  # mixtures built so far (read by tests and metrics)
 
@@ -79,8 +79,9 @@ class RoutedGenerator:
 
     def _mixture(self, handles: list[ExpertHandle]) -> tuple[MixtureModel, dict[str, ExpertHandle]]:
         """The mixture over these experts; route name -> handle. Cached, least recently used
-        dropped past ``MAX_MIXTURES``; built (reading and verifying the folders) outside the
-        decoding lock, once per set even when many requests ask for it together."""
+        dropped past ``MAX_MIXTURES``; built once per set, however many requests ask for it
+        together, and once per request (not per decoding step). Building holds the decoding
+        lock: composing reads the shared base's MLPs, which a running forward swaps out."""
         key = tuple(sorted(handle.folder for handle in handles))
         with self._cache_lock:
             if key in self._mixtures:
@@ -92,7 +93,8 @@ class RoutedGenerator:
                 if key in self._mixtures:
                     return self._mixtures[key]
             folders = [handle.folder for handle in handles]
-            mixture = load_mixture(self.model, folders, top_k=self.top_k).eval()
+            with self._lock:
+                mixture = load_mixture(self.model, folders, top_k=self.top_k).eval()
             by_route = {
                 expert.manifest.expert_id: handle
                 for expert, handle in zip(mixture.experts, handles, strict=True)

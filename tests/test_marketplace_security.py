@@ -322,21 +322,42 @@ def test_catalog_page_lists_the_registry_once(market):
     assert calls == {"names": 1, "describe": 20}
 
 
-def test_mixtures_are_built_outside_the_decoding_lock(market):
-    """While a long generation holds the decoding lock, a request for a new set of experts
-    composes its mixture (reading and verifying folders) without waiting for it."""
+def test_mixtures_are_built_once_per_set_and_kept_by_use(market, monkeypatch):
+    """Many requests for one new set of experts compose it once; cycling through more sets
+    than the cache holds keeps the cache bounded and drops the least recently used one."""
+    import marketplace.demo
+
+    MAX_MIXTURES = 6  # four experts make 15 sets; a smaller cache so they overflow it
+    monkeypatch.setattr(marketplace.demo, "MAX_MIXTURES", MAX_MIXTURES)
     generator = market.generator
-    handles = [
-        ExpertHandle(name, "1", market.catalog.expert_folder(name, "1"))
-        for name in ("law-expert", "tax-expert")
-    ]
+    names = [entry.name for entry in market.catalog.entries()]
+    handles = {
+        name: ExpertHandle(name, "1", market.catalog.expert_folder(name, "1")) for name in names
+    }
     built = generator.builds
-    done = threading.Event()
-    with generator._lock:  # a decoding step in progress elsewhere
-        thread = threading.Thread(target=lambda: (generator._mixture(handles), done.set()))
+    barrier = threading.Barrier(16)
+
+    def ask() -> None:
+        barrier.wait()
+        generator._mixture([handles["law-expert"], handles["tax-expert"]])
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
         thread.start()
-        assert done.wait(timeout=60), "composing a mixture waited for the decoding lock"
-    thread.join()
+    for thread in threads:
+        thread.join()
     assert generator.builds == built + 1
-    generator._mixture(handles)  # cached: not built again
-    assert generator.builds == built + 1
+    tokens = list(generator.stream([handles["law-expert"], handles["tax-expert"]], "x = ", 4))
+    assert tokens and generator.builds == built + 1  # decoding steps build nothing
+    sets = [[handles[a], handles[b]] for a in names for b in names if a < b]
+    sets += [[handles[n]] for n in names] + [[handles[n] for n in names]]
+    sets += [[handles[a], handles[b], handles[c]] for a in names for b in names for c in names
+             if a < b < c]  # fmt: skip
+    assert len(sets) > MAX_MIXTURES
+    favourite = sets[0]
+    for each in sets:
+        generator._mixture(each)
+        generator._mixture(favourite)  # used all along: never dropped
+    before = generator.builds
+    generator._mixture(favourite)
+    assert generator.builds == before and len(generator._mixtures) == MAX_MIXTURES
