@@ -228,7 +228,10 @@ def compose(
     # Library experts keep the rows they were registered with, so a mixture loaded from the
     # library reproduces the one accepted here.
     cfg = AnnealConfig.for_commission(spec.router, seed=spec.seed, train_existing_rows=False)
-    result = anneal_router(before, expert, blocks(job.data_dir / "train", 256), replay, cfg)
+    # New-domain blocks for the centroid and the router's batches: 8 per step (at least 64, at
+    # most 256), so a short annealing does not pay for a full pass over the training set.
+    train = blocks(job.data_dir / "train", min(256, 8 * max(8, cfg.steps)))
+    result = anneal_router(before, expert, train, replay, cfg)
     with result.mixture.forced_route(job.expert_id):
         expert_alone = result.mixture.lm_loss(heldout)
     with result.mixture.forced_route("base"):
