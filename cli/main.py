@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_environment()
+    from infra.prefect_server import install
+
+    install()  # a command that is killed leaves no temporary Prefect server behind
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -38,6 +38,10 @@ os.environ.update(
 os.environ.pop("PREFECT_API_URL", None)
 sys.path.insert(0, str(REPO))
 
+from infra.prefect_server import install  # noqa: E402 (needs the repository on sys.path)
+
+install()  # a killed or timed-out test run leaves no temporary Prefect server behind
+
 
 @pytest.fixture(scope="session")
 def tiny_base():
