@@ -66,3 +66,53 @@ def sample_rows(train_jsonl: Path, limit: int) -> list[str]:
             if line.strip():
                 texts.append(json.loads(line)["text"])
     return texts
+
+
+# -- staging beside an expert folder (never inside it) --
+
+
+def sidecar(folder: Path) -> Path:
+    """Where a staged expert folder's replay rows sit: beside it, ``<folder>.replay.jsonl``."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".replay.jsonl")
+
+
+def _identity(folder: Path) -> tuple[str, str]:
+    from factory.expert import MANIFEST_FILE
+
+    manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+    return manifest["expert_id"], manifest["adapter_sha256"]
+
+
+def write_sidecar(folder: Path, rows: list[str]) -> Path:
+    from infra.atomic import atomic_write_text
+
+    body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows)
+    atomic_write_text(sidecar(folder), body)
+    return sidecar(folder)
+
+
+def read_staged(folder: Path) -> list[str]:
+    """The rows staged beside ``folder``, else a legacy ``replay.jsonl`` inside it, else []."""
+    for path in (sidecar(folder), Path(folder) / LEGACY_FILE):
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [json.loads(line)["text"] for line in lines if line.strip()]
+    return []
+
+
+def stage_replay(store: ObjectStore, folder: Path) -> list[str]:
+    """Fetches the stored rows of the expert in ``folder`` into its sidecar; returns them."""
+    expert_id, adapter_sha = _identity(folder)
+    rows = load_replay(store, expert_id, adapter_sha, folder) or []
+    write_sidecar(folder, rows)
+    return rows
+
+
+def publish_replay(store: ObjectStore, folder: Path) -> str | None:
+    """Stores the sidecar rows of a composed expert folder under its id and adapter sha256
+    (None when it has none)."""
+    if not sidecar(folder).is_file():
+        return None
+    expert_id, adapter_sha = _identity(folder)
+    return save_replay(store, expert_id, adapter_sha, read_staged(folder))

@@ -103,8 +103,11 @@ def build_expert(job: Job, cycles: list[CycleResult]) -> Path:
 def stage_library(job: Job, settings: Settings) -> LibrarySnapshot:
     """Downloads the champions composition, benchmarks and the gate compare against."""
     from factory.library.registry import ExpertLibrary
+    from factory.replay import stage_replay
+    from infra.storage import open_store
 
     library = ExpertLibrary(settings)
+    store = open_store(settings.objects_url, settings.s3_endpoint_url)
     experts = []
     for version in library.list():
         if version.name == job.expert_id or "champion" not in version.aliases:
@@ -114,6 +117,7 @@ def stage_library(job: Job, settings: Settings) -> LibrarySnapshot:
         folder = job.root / "library" / version.name
         if not verify_committed(folder):
             library.download(version.name, "champion", folder, overwrite=True)
+        stage_replay(store, folder)  # its replay rows, kept by the factory, beside the folder
         experts.append(folder)
     champion = None
     try:
@@ -138,11 +142,10 @@ def blocks(path: Path, limit: int | None = None) -> torch.Tensor:
 
 
 def replay_rows(expert: Expert) -> list[str]:
-    """The replay sample kept with a library expert (none for an expert without one)."""
-    path = expert.path / "replay.jsonl" if expert.path else None
-    if path is None or not path.exists():
-        return []
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+    """The replay sample of a library expert, staged beside its folder (none without one)."""
+    from factory.replay import read_staged
+
+    return read_staged(expert.path) if expert.path else []
 
 
 def _replay_blocks(expert: Expert, tokenizer, seq_len: int) -> torch.Tensor | None:
@@ -154,19 +157,20 @@ def _replay_blocks(expert: Expert, tokenizer, seq_len: int) -> torch.Tensor | No
 
 
 def save_composed_expert(folder: Path, expert: Expert, null_route: dict, train_jsonl: Path) -> None:
-    """Saves the expert plus the mixture's null route and a replay sample of its domain."""
+    """Saves the expert plus the mixture's null route; a replay sample of its domain goes beside
+    the folder, never into it (customer text stays out of every bundle: factory.replay)."""
     from safetensors.torch import save as safetensors_bytes
 
     from factory.expert import save_expert
+    from factory.replay import sample_rows, write_sidecar
 
-    rows = train_jsonl.read_text().splitlines()[:REPLAY_ROWS]
     extras = {
         "null_route.safetensors": safetensors_bytes(
             {k: v.detach().contiguous() for k, v in null_route.items()}
         ),
-        "replay.jsonl": "".join(r + "\n" for r in rows).encode("utf-8"),
     }
     save_expert(folder, expert, overwrite=True, extra_files=extras)
+    write_sidecar(folder, sample_rows(train_jsonl, REPLAY_ROWS))
 
 
 @task(name="compose", cache_policy=NO_CACHE, persist_result=False)

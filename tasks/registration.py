@@ -168,7 +168,12 @@ def register_task(
     plots: list[Path],
     run_id: str | None,
 ) -> LibraryVersion:
-    """Registers one accepted result (alias ``challenger``); idempotent across retries."""
+    """Registers one accepted result (alias ``challenger``); idempotent across retries. Its
+    replay rows go to the factory's object store first (factory.replay), never to the registry."""
+    from factory.replay import publish_replay
+    from infra.storage import open_store
+
+    publish_replay(open_store(settings.objects_url, settings.s3_endpoint_url), expert_folder)
     return ExpertLibrary(settings).register(expert_folder, provenance, benchmark, plots, run_id)
 
 

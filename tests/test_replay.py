@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -42,3 +43,25 @@ def test_sample_rows_takes_the_first_texts(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(100)))
     assert sample_rows(train, 3) == ["row 0", "row 1", "row 2"]
+
+
+def test_rows_travel_beside_the_folder_and_through_the_store(tiny_expert_folder, tmp_path):
+    from factory.expert import load_expert
+    from factory.replay import publish_replay, read_staged, sidecar, stage_replay, write_sidecar
+
+    store = open_store(tmp_path / "objects")
+    composed = tmp_path / "composed" / "expert"
+    composed.parent.mkdir()
+    shutil.copytree(tiny_expert_folder, composed)
+    write_sidecar(composed, ["customer row one", "customer row two"])
+    assert sidecar(composed) == tmp_path / "composed" / "expert.replay.jsonl"
+    assert not (composed / "replay.jsonl").exists()  # never inside the deliverable
+    manifest = load_expert(composed).manifest
+    key = publish_replay(store, composed)
+    assert key == f"private/replay/{manifest.expert_id}/{manifest.adapter_sha256}.jsonl"
+    # A later commission stages the library expert and finds its rows again.
+    staged = tmp_path / "later" / "library" / manifest.expert_id
+    shutil.copytree(tiny_expert_folder, staged)
+    assert stage_replay(store, staged) == ["customer row one", "customer row two"]
+    assert read_staged(staged) == ["customer row one", "customer row two"]
+    assert publish_replay(store, tiny_expert_folder) is None  # nothing beside it: nothing stored
