@@ -6,6 +6,12 @@
     taas library lineage expert-legal
     taas library export expert-legal [--version 3 | --alias champion] --dest ./bundle
     taas library rollback expert-legal
+    taas library match sample.jsonl [--json]
+
+``match`` ranks the library's public experts on the marketplace's base (and the bare base) by
+held-out loss on a sample of your text (JSONL with a ``text`` field, or plain text; at most
+1 MiB, read into memory only), with each expert's loss difference against the base and its
+standard error over batches (:func:`evaluation.library_match.match_sample`).
 
 The store comes from settings (``TAAS_MLFLOW_TRACKING_URI`` etc., see :mod:`infra.settings`).
 """
@@ -92,6 +98,37 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_match(args: argparse.Namespace) -> int:
+    from cli.marketplace import build_market
+    from marketplace.demand import DemandBoard
+    from marketplace.match import Matcher
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"file: no such file {path}; check the path")
+    market = build_market(args)
+    report = Matcher(market, DemandBoard(market.licensing.engine)).match(
+        _head(path, 1024 * 1024 + 1), path.name, None
+    )
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    print(f"{report.num_blocks} blocks in {report.num_batches} batches; base loss "
+          f"{report.base_loss:.4f}")  # fmt: skip
+    print(f"{'rank':>4} {'expert':32} {'version':>7} {'loss':>8} {'vs base':>9} {'stderr':>8}")
+    for rank, row in enumerate(report.rows, 1):
+        r = row.result
+        mark = " confident" if r.confident else ""
+        print(f"{rank:>4} {row.entry.name:32} {row.entry.champion:>7} {r.loss:8.4f} "
+              f"{r.delta:+9.4f} {r.delta_stderr:8.4f}{mark}")  # fmt: skip
+    if report.best:
+        print(f"best: {report.best.entry.name} (warm start: {report.best.entry.name})")
+    else:
+        print(f"no expert beats the base by {report.margin}; demand recorded: "
+              f"{', '.join(report.demand_words)}")  # fmt: skip
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("library", help="the expert library (MLflow registry)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,3 +162,14 @@ def register(subparsers) -> None:
     p = sub.add_parser("rollback", help="restore the previous champion")
     p.add_argument("name")
     p.set_defaults(handler=_cmd_rollback)
+
+    p = sub.add_parser("match", help="rank experts by held-out loss on a sample of your text")
+    p.add_argument("file", help="JSONL (a 'text' field per line) or plain text, at most 1 MiB")
+    p.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    p.set_defaults(handler=_cmd_match)
+
+
+def _head(path: Path, size: int) -> bytes:
+    """At most ``size`` bytes of the file: an oversize sample is refused without reading it."""
+    with path.open("rb") as handle:
+        return handle.read(size)

@@ -140,12 +140,13 @@ def build_market(args: argparse.Namespace):
         min_cycles=getattr(args, "min_cycles", 3),
         secure_cookies=getattr(args, "secure_cookies", False),
     )
-    commission_of = None
+    commission_of = parent_of = None
     if not getattr(args, "sample", 0):
         from marketplace.catalog import library_commission_of
+        from marketplace.lineage import library_parent_of
 
-        commission_of = library_commission_of(settings)
-    return Market(config, catalog, Licensing(ledger, commission_of))
+        commission_of, parent_of = library_commission_of(settings), library_parent_of(settings)
+    return Market(config, catalog, Licensing(ledger, commission_of, parent_of))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -166,7 +167,11 @@ def _statement(args: argparse.Namespace) -> int:
     from marketplace.licensing import Licensing
 
     settings = get_settings()
-    licensing = Licensing(Ledger(settings.db_url), library_commission_of(settings))
+    from marketplace.lineage import library_parent_of
+
+    licensing = Licensing(
+        Ledger(settings.db_url), library_commission_of(settings), library_parent_of(settings)
+    )
     statement = licensing.statement(args.contributor, args.period)
     print(json.dumps(statement, indent=2))
     if args.link_base:

@@ -216,6 +216,9 @@ class QualitySection(_Section):
     max_rows: int = Field(default=5_000_000, ge=1)
 
 
+WARM_START_PATTERN = r"^(none|auto|[A-Za-z0-9][A-Za-z0-9._-]{0,199}(@[A-Za-z0-9_-]{1,64})?)$"
+
+
 class CommissionSpec(_Section):
     version: Literal[1]
     customer: str = Field(min_length=1, max_length=200)
@@ -234,6 +237,10 @@ class CommissionSpec(_Section):
     visibility: Literal["public", "private", "exclusive"] = "public"
     seed: int = Field(default=0, ge=0)
     quality: QualitySection = Field(default_factory=QualitySection)
+    # Where the production lines start: "none" (the base), "auto" (the library's best match on
+    # the commission's own held-out split, when it beats the base by
+    # evaluation.library_match.WARM_START_MARGIN), or a library expert NAME[@alias|@version].
+    warm_start: str = Field(default="none", pattern=WARM_START_PATTERN)
     # The folder of the spec file it was loaded from: the only data root when TAAS_DATA_ROOTS is
     # unset (see factory.data.uri). Private, so it is not part of the spec or its hash.
     _spec_dir: Path | None = PrivateAttr(default=None)
@@ -345,5 +352,10 @@ def load_spec(path: Path | str) -> CommissionSpec:
 
 
 def spec_sha256(spec: CommissionSpec) -> str:
-    """sha256 of the canonical JSON (sorted keys, no spaces) of the validated spec."""
-    return json_sha256(spec.model_dump(mode="json"))
+    """sha256 of the canonical JSON (sorted keys, no spaces) of the validated spec; a
+    ``warm_start: none`` (the default) is left out, so specs written before the field keep
+    their hash (and their commission id)."""
+    dumped = spec.model_dump(mode="json")
+    if dumped.get("warm_start") == "none":
+        del dumped["warm_start"]
+    return json_sha256(dumped)

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         default=None, ge=1, description="ranks per line here; default the spec's budget"
     )
     max_concurrent_lines: int = Field(default=1, ge=1)
+    parent_revenue_share: str = Field(
+        default="0.2",
+        pattern=r"^(0(\.\d{1,6})?|1(\.0{1,6})?)$",
+        description="share of a warm-started expert's licence revenue for its parent's "
+        "contributors (decimal in [0, 1], recorded on each version at registration)",
+    )
     torch_extensions_dir: Path | None = None
 
     @classmethod

@@ -4,7 +4,9 @@ Pages: ``/`` catalog with search and filters, ``/experts/{name}``, ``/compare``,
 streamed generation (``POST /demo/stream``: one JSON line per token with its expert), ``/account``
 (buyer sign-up, sign-in, sign-out, licences, usage, invoices, downloads, API keys: issue and
 revoke), ``POST /download/...`` (signed, expiring, logged), ``/statements/{contributor}`` (signed
-link), ``/readiness``. Run with ``taas marketplace serve``.
+link), ``/readiness`` (with the demand board), ``/match`` ("Find an expert for my data",
+:mod:`marketplace.match`), ``/commission`` (upload, estimate, submit:
+:mod:`marketplace.commission_desk`). Run with ``taas marketplace serve``.
 
 Buyers are known by an expiring signed session cookie (SameSite=Lax, HttpOnly, Secure when
 ``secure_cookies``), signed at the buyer's session version: signing out or revoking a key ends
@@ -36,6 +38,7 @@ from fastapi.responses import (
 )
 from fastapi.templating import Jinja2Templates
 
+from evaluation.match_sample import domain_words
 from marketplace.api import build_router
 from marketplace.auth import (
     RateLimiter,
@@ -49,9 +52,12 @@ from marketplace.auth import (
     session_cookie,
 )
 from marketplace.charts import benchmark_svg
+from marketplace.commission_desk import CommissionDesk, add_commission_routes
+from marketplace.demand import DemandBoard
 from marketplace.guards import BodyLimit, SecurityHeaders
 from marketplace.licensing import period_of
 from marketplace.market import Market, TornBundle
+from marketplace.match import Matcher, add_match_routes
 
 COOKIE = "taas_session"
 PRESESSION = "taas_presession"
@@ -62,7 +68,11 @@ def create_app(market: Market) -> FastAPI:
     config = market.config
     app = FastAPI(title="taas marketplace", docs_url=None, redoc_url=None)
     app.add_middleware(
-        BodyLimit, max_body_bytes=config.max_body_bytes, max_form_bytes=config.max_form_bytes
+        BodyLimit,
+        max_body_bytes=config.max_body_bytes,
+        max_form_bytes=config.max_form_bytes,
+        max_upload_bytes=config.max_upload_bytes,
+        upload_paths=("/match", "/commission"),
     )
     app.add_middleware(SecurityHeaders, hsts=config.secure_cookies)
     app.include_router(build_router(market))
@@ -138,6 +148,25 @@ def create_app(market: Market) -> FastAPI:
             raise HTTPException(403, detail="csrf: reload the page and submit the form again")
         return buyer_id
 
+    def form_buyer(request: Request, csrf: str | None) -> str | None:
+        """A form open to visitors too: the session's CSRF token, else the pre-session one."""
+        if buyer_of(request) is not None:
+            return acting_buyer(request, csrf)
+        check_entry_form(request, csrf)
+        return None
+
+    demand = DemandBoard(market.licensing.engine)
+    desks: list[CommissionDesk] = []
+
+    def desk_of() -> CommissionDesk:
+        """Built on first use: the settings name the commission store and the uploads."""
+        if not desks:
+            from infra.settings import get_settings
+
+            desks.append(CommissionDesk(get_settings(), config.base_model_path,
+                                        config.commission_price_per_step))  # fmt: skip
+        return desks[0]
+
     def entry_or_404(name: str, request: Request):
         entry = market.visible(name, buyer_of(request))
         if entry is None:
@@ -171,6 +200,8 @@ def create_app(market: Market) -> FastAPI:
         }
         chosen = {"q": q, "domain": domain, "base_model": base_model, "benchmark": benchmark}
         chosen["licence"] = licence
+        if q and not shown:  # a search nothing answered: its domain words, not the query
+            demand.record(domain_words([q]), "search")
         by_domain: dict[str, list] = {}
         for entry in shown:
             by_domain.setdefault(entry.domain, []).append(entry)
@@ -229,7 +260,7 @@ def create_app(market: Market) -> FastAPI:
 
     @app.get("/readiness", response_class=HTMLResponse)
     def readiness_page(request: Request) -> HTMLResponse:
-        return page(request, "readiness.html")
+        return page(request, "readiness.html", demand=demand.domains())
 
     @app.get("/api/readiness")
     def readiness_json() -> dict:
@@ -260,6 +291,7 @@ def create_app(market: Market) -> FastAPI:
             invoice=market.licensing.invoice(buyer_id, period_of(datetime.now(UTC))),
             keys=market.api_keys(buyer_id),
             downloads=market.licensing.downloads_of(buyer_id),
+            commissions=desk_of().commissions_of(buyer_id),
         )
 
     def new_cookie(buyer_id: str) -> str:
@@ -395,6 +427,8 @@ def create_app(market: Market) -> FastAPI:
             raise HTTPException(403, detail=f"statement link refused: {refused}")
         return page(request, "statement.html", s=market.licensing.statement(contributor))
 
+    add_match_routes(app, market, Matcher(market, demand), page, form_buyer)
+    add_commission_routes(app, desk_of, page, buyer_of, acting_buyer, config.max_upload_bytes)
     return app
 
 

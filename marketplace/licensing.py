@@ -124,12 +124,18 @@ class Licensing:
     """Buyers, keys, licences, metering and statements over the ledger's database."""
 
     def __init__(
-        self, ledger: Ledger, commission_of: Callable[[str, str], str | None] | None = None
+        self,
+        ledger: Ledger,
+        commission_of: Callable[[str, str], str | None] | None = None,
+        parent_of: Callable[[str, str], tuple[str, str, Decimal] | None] | None = None,
     ):
         """``commission_of(expert_name, version)`` names the commission that produced a
-        registered version (its ``commission_id`` tag), or None when unknown."""
+        registered version (its ``commission_id`` tag), or None when unknown;
+        ``parent_of(expert_name, version)`` its warm start's (parent name, parent version,
+        parent share) from its ``parent_*`` tags, or None for a version trained from the base."""
         self.ledger = ledger
         self.commission_of = commission_of
+        self.parent_of = parent_of
         self.engine = ledger.engine
         Base.metadata.create_all(self.engine)
         for index in Licence.__table__.indexes:  # tables made before the indexes existed
@@ -454,12 +460,33 @@ class Licensing:
                     totals[key] = totals.get(key, Decimal("0.00")) + line.amount
         return totals
 
-    def contributor_shares(self, expert_name: str, version: str) -> dict[str, Decimal]:
+    def contributor_shares(
+        self, expert_name: str, version: str, depth: int = 0
+    ) -> dict[str, Decimal]:
         """Contributors' shares of an expert version, summed per contributor over the cycles
         that produced it: the cycles of the commission that registered the version (cycle keys
         ``<commission_id>/cycle-<n>``; the cycles record the adapter sha256 they merged, never
         the registry's version number), and any cycle recorded under the version itself.
-        Cycles of other versions never count; a version none name is unallocated."""
+        Cycles of other versions never count; a version none name is unallocated.
+
+        A warm-started version (``parent_of``) gives its parent's contributors the parent share
+        s: each side is normalized to 1 and the result is (1 - s) * own + s * parent's (the
+        parent's own shares, recursively, so grandparents keep theirs); an own side with no
+        shares leaves its (1 - s) unallocated."""
+        own = self._own_shares(expert_name, version)
+        parent = self.parent_of(expert_name, version) if self.parent_of and depth < 8 else None
+        inherited = self.contributor_shares(*parent[:2], depth + 1) if parent else {}
+        if not inherited:
+            return own
+        share = parent[2]
+        mixed: dict[str, Decimal] = {}
+        for side, weight in ((own or {UNALLOCATED: Decimal(1)}, 1 - share), (inherited, share)):
+            total = sum(side.values(), Decimal(0))
+            for who, value in side.items():
+                mixed[who] = mixed.get(who, Decimal(0)) + weight * value / total
+        return {who: value for who, value in mixed.items() if value > 0}
+
+    def _own_shares(self, expert_name: str, version: str) -> dict[str, Decimal]:
         commission = self.commission_of(expert_name, version) if self.commission_of else None
         chosen = [
             row

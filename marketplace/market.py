@@ -50,6 +50,12 @@ class MarketplaceConfig(BaseModel):
     signup_burst: int = Field(default=5, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="JSON API bodies")
     max_form_bytes: int = Field(default=16 * 1024, ge=1024, description="form posts")
+    max_upload_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=1024, description="multipart sample and data uploads"
+    )
+    commission_price_per_step: Decimal = Field(
+        default=Decimal("0.05"), ge=0, description="estimate: price of one line's step"
+    )
 
 
 @dataclass(frozen=True)

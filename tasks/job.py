@@ -49,6 +49,9 @@ class Job(BaseModel):
     general_dir: Path
     parent_dir: Path | None
     run_id: str
+    # The library expert the lines started from, "name@version" ("" for the base).
+    warm_start_expert: str = ""
+    parent_share: str = ""  # of the refined expert's revenue, for the parent's contributors
     tracking_uri: str
 
     def cycle_dir(self, number: int) -> Path:
@@ -92,6 +95,7 @@ def open_job(
         store.set_state(commission_id, "running")
     general = pack_rows(general_heldout_text(), intake.base_model_path, intake.seq_len,
                         settings.home / "cache" / "packs")  # fmt: skip
+    warm_start = _resolve_warm_start(intake, spec, settings, warm_start or spec.warm_start)
     parent_dir = _stage_warm_start(root, spec, settings, warm_start) if warm_start else None
     t = tracking.configure(settings)
     run_file = root / "mlflow_run.json"
@@ -121,7 +125,34 @@ def open_job(
         parent_dir=parent_dir,
         run_id=run_id,
         tracking_uri=settings.tracking_uri,
+        warm_start_expert=warm_start or "",
+        parent_share=settings.parent_revenue_share if warm_start else "",
     )
+
+
+def _resolve_warm_start(
+    intake: IntakeResult, spec: CommissionSpec, settings: Settings, asked: str
+) -> str | None:
+    """``none`` -> None; ``auto`` -> the best match on the held-out split, if it beats the base
+    by the margin (:mod:`tasks.warm_start`); ``name[@ref]`` -> ``name@version`` as registered
+    now, so provenance names the exact parent version."""
+    if asked == "none":
+        return None
+    root = settings.home / "commissions" / intake.commission_id
+    if asked == "auto":
+        from tasks.warm_start import WARM_START_FILE, WarmStartChoice, choose_warm_start
+
+        if (root / WARM_START_FILE).exists():  # a rerun keeps the first run's choice
+            chosen = WarmStartChoice.model_validate_json((root / WARM_START_FILE).read_text())
+        else:
+            chosen = choose_warm_start(root, spec.customer, intake.base_model_path,
+                                       intake.data_dir / "heldout", settings)  # fmt: skip
+        print(f"[commission {intake.commission_id}] warm start auto: {chosen.chosen or 'base'}")
+        return chosen.chosen or None
+    from factory.library.registry import ExpertLibrary
+
+    name, _, ref = asked.partition("@")
+    return f"{name}@{ExpertLibrary(settings).show(name, ref or 'champion').version}"
 
 
 def _stage_warm_start(root: Path, spec: CommissionSpec, settings: Settings, name: str) -> Path:

@@ -30,6 +30,10 @@ PROVENANCE_TAGS = (
 ).split()
 
 
+# Set only on a warm-started version (see RegistrationProvenance.parent_expert).
+PARENT_TAGS = ("parent_expert", "parent_version", "parent_share")
+
+
 class RegistrationProvenance(BaseModel):
     """Provenance of one accepted result, stored as version tags."""
 
@@ -45,6 +49,11 @@ class RegistrationProvenance(BaseModel):
     licence: str = "apache-2.0"
     visibility: Literal["private", "public"] = "private"
     parent_adapter_sha256: str = ""
+    # A warm start's library parent (its name and registry version) and the share of this
+    # version's licence revenue credited to the parent's contributors (exact decimal in [0, 1]).
+    parent_expert: str = ""
+    parent_version: str = ""
+    parent_share: str = ""
     # The commission's customer (factory.customer.customer_id_for); the registered model is
     # tagged with its owner and refuses versions from any other customer.
     customer_id: str = ""
@@ -141,4 +150,5 @@ def version_tags(
         "trained_at": utc_now_iso(),
     }
     tags.update({k: getattr(prov, k) for k in PRICE_TAGS if getattr(prov, k) is not None})
+    tags.update({k: getattr(prov, k) for k in PARENT_TAGS if getattr(prov, k)})
     return tags
