@@ -81,12 +81,28 @@ class Expert:
     null_route: dict[str, torch.Tensor] | None = None
 
 
-def lora_config_dict(rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> dict:
-    """The adapter_config.json content for a LoRA on the MLP projections (no dropout, no bias)."""
+def lora_config_dict(
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    base_model_name_or_path: str | None = None,
+) -> dict:
+    """The adapter_config.json content for a LoRA on the MLP projections (no dropout, no bias).
+
+    ``task_type`` is always CAUSAL_LM, so ``AutoPeftModelForCausalLM`` knows the model class;
+    ``base_model_name_or_path`` (a local base folder or the base's name) is set on the folders
+    that leave the factory (a library expert and its bundles), where peft loads the base from it.
+    """
     from peft import LoraConfig
 
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none"
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
     )
     data = config.to_dict()
     data["target_modules"] = sorted(data["target_modules"])

@@ -1,39 +1,89 @@
-"""Model cards for library experts: README.md with Hugging Face metadata front matter.
+"""Model cards for library experts: README.md built with huggingface_hub's ModelCard.
 
-The front matter follows the Hub's model card metadata (``base_model``, ``license``, ``tags``,
-``library_name``, ``model-index`` with one result per benchmark task), so a bundle pushed to any
-Hub-compatible registry renders with its scores. The body states provenance and how to load the
-expert. :func:`integration_markdown` is the INTEGRATION.md of an exported bundle.
+The metadata is the Hub's (:class:`huggingface_hub.ModelCardData`): ``base_model`` the base's
+real name, ``library_name: peft``, ``license`` a Hub licence id (or ``other`` with
+``license_name`` and ``license_link``), and one :class:`huggingface_hub.EvalResult` per benchmark
+task and metric (``model-index``), so a bundle pushed to any Hub-compatible registry renders
+with its scores. The body states provenance and how to load the expert.
+:func:`integration_markdown` is the INTEGRATION.md of an exported bundle.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from factory.expert import ExpertManifest
 
 LOWER_IS_BETTER = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"})
 
+#: Hub licence ids the factory's bases and commissions use (https://hf.co/docs/hub/repositories-licenses)
+HUB_LICENCES = frozenset(
+    "apache-2.0 mit openrail openrail++ bigscience-openrail-m creativeml-openrail-m "
+    "bigcode-openrail-m llama2 llama3 llama3.1 llama3.2 llama3.3 gemma cc-by-4.0 cc-by-sa-4.0 "
+    "cc-by-nc-4.0 cc-by-nc-sa-4.0 cc0-1.0 bsd-3-clause bsd-2-clause gpl-3.0 lgpl-3.0 agpl-3.0 "
+    "mpl-2.0 unlicense artistic-2.0 afl-3.0 ecl-2.0 epl-2.0 wtfpl".split()
+)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 
-def model_index(name: str, scores: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """``scores[task][metric]`` as a Hub ``model-index`` (one result per task)."""
-    results = []
-    for task in sorted(scores):
-        metrics = [
-            {"type": metric, "name": metric, "value": round(float(value), 6)}
-            for metric, value in sorted(scores[task].items())
-        ]
-        results.append(
-            {
-                "task": {"type": "text-generation", "name": task},
-                "dataset": {"type": task, "name": task},
-                "metrics": metrics,
-            }
+
+def hub_licence(licence: str, origin: str = "") -> dict[str, str]:
+    """``{"license": id}`` for a Hub licence id (case-insensitive: Apache-2.0 -> apache-2.0),
+    else ``{"license": "other", "license_name": slug, "license_link": link}``; the link is the
+    origin when it is a URL, the base's Hub page when the origin names one, else LICENSE."""
+    slug = re.sub(r"[^a-z0-9.+-]+", "-", licence.strip().lower()).strip("-") or "unknown"
+    if slug in HUB_LICENCES:
+        return {"license": slug}
+    hub_id = base_hub_id("", origin)
+    link = origin if origin.startswith(("https://", "http://")) else ""
+    link = link or (f"https://huggingface.co/{hub_id}" if hub_id else "LICENSE")
+    return {"license": "other", "license_name": slug, "license_link": link}
+
+
+def base_hub_id(name: str, origin: str) -> str:
+    """The base's real (Hub) name: the origin's first part when it is ``org/name``
+    (``HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF ...``), else ``name``."""
+    first = origin.split(",")[0].strip()
+    return first if _HUB_ID.match(first) else name
+
+
+def eval_results(scores: dict[str, dict[str, float]]) -> list[EvalResult]:
+    """``scores[task][metric]`` as Hub eval results (one per task and metric)."""
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name=task,
+            dataset_type=task,
+            dataset_name=task,
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=round(float(value), 6),
         )
-    return [{"name": name, "results": results}]
+        for task in sorted(scores)
+        for metric, value in sorted(scores[task].items())
+    ]
+
+
+def card_data(
+    manifest: ExpertManifest,
+    scores: dict[str, dict[str, float]] | None,
+    licence: str,
+    base_origin: str = "",
+) -> ModelCardData:
+    """The card's Hub metadata."""
+    return ModelCardData(
+        base_model=base_hub_id(manifest.base_model, base_origin),
+        library_name="peft",
+        pipeline_tag="text-generation",
+        model_name=manifest.expert_id,
+        tags=["lora", "taas-factory", f"domain:{manifest.domain}", "mixture-of-experts"],
+        eval_results=eval_results(scores) if scores else None,
+        **hub_licence(licence, base_origin),
+    )
 
 
 def model_card(
@@ -43,29 +93,26 @@ def model_card(
     licence: str,
     base_scores: dict[str, dict[str, float]] | None = None,
 ) -> str:
-    """The README.md text: YAML front matter, then a short human-readable card."""
-    front = {
-        "base_model": manifest.base_model,
-        "library_name": "peft",
-        "license": licence,
-        "pipeline_tag": "text-generation",
-        "tags": ["lora", "taas-factory", f"domain:{manifest.domain}", "mixture-of-experts"],
-    }
-    if scores:
-        front["model-index"] = model_index(manifest.expert_id, scores)
+    """The README.md text: Hub metadata, then a short human-readable card.
+
+    The Hub licence is the base's (``manifest.provenance["base_licence"]``, recorded at
+    composition; an adapter inherits its base's terms), else ``licence``; the base's origin
+    (``base_origin``) gives its real name and licence link.
+    """
+    base_licence = str(manifest.provenance.get("base_licence") or licence)
+    base_origin = str(manifest.provenance.get("base_origin") or "")
+    data = card_data(manifest, scores, base_licence, base_origin)
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
         f"# {manifest.expert_id}",
         "",
-        f"A LoRA expert for the **{manifest.domain}** domain on `{manifest.base_model}` "
+        f"A LoRA expert for the **{manifest.domain}** domain on `{data.base_model}` "
         f"(rank {manifest.rank}, alpha {manifest.lora_alpha:g}, on "
         f"{', '.join(manifest.target_modules)}), with router rows for the routed mixture.",
         "",
         "## Provenance",
         "",
+        f"- base model: `{manifest.base_model}` ({base_origin or 'origin not recorded'})",
+        f"- base model licence: `{base_licence or 'not recorded'}`",
         f"- base model sha256: `{manifest.base_model_sha256}`",
         f"- adapter sha256: `{manifest.adapter_sha256}`",
     ]
@@ -83,8 +130,21 @@ def model_card(
                 arrow = "↓" if metric in LOWER_IS_BETTER else "↑"
                 base_text = "-" if base is None else f"{base:.4g}"
                 lines.append(f"| {task} | {metric} {arrow} | {value:.4g} | {base_text} |")
-    lines += ["", "## Use", "", "See INTEGRATION.md in an exported bundle.", ""]
-    return "\n".join(lines)
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "",
+        'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "`adapter_config.json` names the base (`base_model_name_or_path`); see INTEGRATION.md "
+        "in an exported bundle for the routed mixture.",
+    ]
+    card = ModelCard.from_template(data, template_str=_TEMPLATE, body="\n".join(lines))
+    return str(card.content)
 
 
 def integration_markdown(manifest: ExpertManifest, base_model_hint: str) -> str:

@@ -178,7 +178,7 @@ def compose(
     job: Job, spec: CommissionSpec, adapter_dir: Path, library: LibrarySnapshot
 ) -> ComposeResult:
     """Router annealing into the library's mixture, the acceptance check, the expert folder."""
-    from factory.base_model import load_base
+    from factory.base_model import base_model_ref, load_base
     from factory.expert import load_expert, read_adapter
     from factory.hashing import tensors_sha256
     from factory.mixture import load_mixture
@@ -195,7 +195,11 @@ def compose(
         return ComposeResult.model_validate_json((out / COMPOSE_FILE).read_text())
     base, tokenizer = load_base(job.base_model_path)
     adapter = read_adapter(adapter_dir / ADAPTER_FILE)
+    # The library expert names its base for peft (AutoPeftModelForCausalLM loads it from there).
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base_ref = base_model_ref(job.base_model_path, spec.base_model)
+    config = {**config, "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": str(Path(job.base_model_path).resolve())}  # fmt: skip
     manifest = ExpertManifest(
         expert_id=job.expert_id,
         domain=spec.domain,
@@ -211,6 +215,9 @@ def compose(
             "commission_id": job.commission_id,
             "dataset_sha256": job.dataset_sha256,
             "spec_sha256": job.spec_sha256,
+            # The card's licence and base name (an adapter inherits its base's terms).
+            "base_licence": base_ref.licence,
+            "base_origin": base_ref.origin,
         },  # fmt: skip
     )
     expert = Expert(

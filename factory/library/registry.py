@@ -198,6 +198,8 @@ class ExpertLibrary:
             atomic_write_text(staging / "card" / "README.md", card)
             t.log_artifacts(self.tracking, run_id, Path(folder), "expert")
             t.log_artifacts(self.tracking, run_id, staging / "card", "card")
+            # The card travels inside the registered folder too (the Hub's README.md place).
+            t.log_artifacts(self.tracking, run_id, staging / "card", "expert")
             if benchmark is not None:
                 benchmark.save(staging / "benchmark" / "results.json")
                 t.log_artifacts(self.tracking, run_id, staging / "benchmark", "benchmark")
