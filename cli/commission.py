@@ -76,7 +76,9 @@ def _validate(args: argparse.Namespace) -> int:
         quality = prepared.quality
         print(f"quality: {quality['rows_in']} rows in, {quality['rows_kept']} kept")
         for check, found in quality["checks"].items():
-            example = f" e.g. {found['examples'][0]!r}" if found["examples"] else ""
+            # Where, never what: a report does not echo the content of rows it refused.
+            shown = found.get("locations") or []
+            example = f" e.g. {shown[0]}" if shown else ""
             print(f"  {check}: {found['count']}{example}")
         print(f"contamination: {prepared.contamination['rows_removed']} rows removed")
         print(

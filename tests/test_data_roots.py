@@ -250,3 +250,21 @@ def test_a_plain_parquet_source_is_read_in_batches(tmp_path, tiny_base):
             spec.model_copy(update={"quality": spec.quality.model_copy(update={"max_rows": 299})}),
             tiny_base.path, tmp_path / "out2", settings,
         )  # fmt: skip
+
+
+def test_the_validate_report_names_dropped_rows_by_place_not_content(factory_cwd, capsys):
+    work, _ = factory_cwd
+    (work / "data" / "leases.jsonl").write_text(
+        _rows(200) + json.dumps({"text": SECRET}) + "\n" + json.dumps({"text": "   "}) + "\n"
+    )
+    spec = work / "ok.yaml"
+    spec.write_text(
+        "version: 1\ncustomer: acme\ndomain: leases\ndata:\n  - uri: data/leases.jsonl\n"
+        "base_model: {preset: tiny}\nbudget: {seq_len: 32}\nquality: {min_chars: 40}\n"
+        "heldout: {fraction: 0.2, min_tokens: 200}\n"
+    )
+    assert main(["commission", "validate", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert f"too_short: 1 e.g. data.0 row 201 ({len(SECRET)} chars)" in out
+    assert "empty: 1 e.g. data.0 row 202" in out
+    assert SECRET not in out

@@ -8,6 +8,11 @@ Checks, in order, on each row's text with surrounding whitespace stripped:
 - ``duplicate``: the exact text of an earlier kept row (dropped; the first occurrence stays);
 - ``duplicate_prefix``: the first 64 characters equal those of an earlier kept row (reported only,
   since shared boilerplate openings are common in legitimate data).
+
+Each finding keeps up to :data:`MAX_EXAMPLES` examples twice: the text (``examples``, kept in
+the factory's own data.json) and where it was (``locations``: ``data.<i> row <n>``, counted per
+source). Reports shown to people (``taas commission validate``) print locations only: a report
+never echoes the content of a row it refused.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ class QualityReport:
     rows_kept: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
     examples: dict[str, list[str]] = field(default_factory=lambda: {c: [] for c in CHECKS})
+    locations: dict[str, list[str]] = field(default_factory=lambda: {c: [] for c in CHECKS})
 
-    def note(self, check: str, example: str) -> None:
+    def note(self, check: str, example: str, location: str | None = None) -> None:
         assert check in CHECKS, check
         self.counts[check] += 1
         if len(self.examples[check]) < MAX_EXAMPLES:
             self.examples[check].append(example[:EXAMPLE_CHARS])
+            self.locations[check].append(location or example[:EXAMPLE_CHARS])
 
     @property
     def rows_dropped(self) -> int:
@@ -47,7 +54,14 @@ class QualityReport:
             "rows_in": self.rows_in,
             "rows_kept": self.rows_kept,
             "rows_dropped": self.rows_dropped,
-            "checks": {c: {"count": self.counts[c], "examples": self.examples[c]} for c in CHECKS},
+            "checks": {
+                c: {
+                    "count": self.counts[c],
+                    "examples": self.examples[c],
+                    "locations": self.locations[c],
+                }
+                for c in CHECKS
+            },
         }
 
     def summary(self) -> str:
@@ -63,23 +77,26 @@ def clean_rows(
     seen_rows: set[bytes] = set()
     seen_prefixes: set[str] = set()
     kept = []
+    per_source: dict[int, int] = {}
     for source_index, raw in rows:
         report.rows_in += 1
+        per_source[source_index] = per_source.get(source_index, 0) + 1
+        where = f"data.{source_index} row {per_source[source_index]}"
         text = raw.strip()
         if not text:
-            report.note("empty", repr(raw))
+            report.note("empty", repr(raw), where)
             continue
         if len(text) < min_chars:
-            report.note("too_short", text)
+            report.note("too_short", text, f"{where} ({len(text)} chars)")
             continue
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         if digest in seen_rows:
-            report.note("duplicate", text)
+            report.note("duplicate", text, where)
             continue
         seen_rows.add(digest)
         prefix = text[:PREFIX_CHARS]
         if len(text) >= PREFIX_CHARS and prefix in seen_prefixes:
-            report.note("duplicate_prefix", text)
+            report.note("duplicate_prefix", text, where)
         seen_prefixes.add(prefix)
         kept.append((source_index, text))
     report.rows_kept = len(kept)
