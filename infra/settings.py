@@ -57,9 +57,13 @@ class Settings(BaseSettings):
         default=None, description="commissions and ledger; default sqlite:///<home>/taas.db"
     )
     data_roots: list[Path] = Field(
-        default_factory=list, description="local folders data URIs may point into"
+        default_factory=list,
+        description="local folders data URIs may point into; unset: the spec file's folder only "
+        "(never the home nor system folders, see factory.data.uri)",
     )
-    s3_bucket_allowlist: list[str] = Field(default_factory=list)
+    s3_bucket_allowlist: list[str] = Field(
+        default_factory=list, description="buckets data URIs may name; empty: none"
+    )
     base_model_dir: Path | None = Field(
         default=None,
         description="a local HF folder replacing the spec's preset; checked like base_model.path",
