@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-GROUPS = ("commission", "library", "generate", "marketplace", "demo")
+GROUPS = ("commission", "library", "generate", "marketplace", "demo", "verify")
 
 
 def _offline_environment() -> None:

@@ -16,6 +16,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from factory.attestation import ATTESTATION_FILES
 from factory.expert import ADAPTER_CONFIG, ADAPTER_FILE, MANIFEST_FILE, NULL_ROUTE_FILE, ROUTER_FILE
 from infra.atomic import MARKER, atomic_write_json, atomic_write_text, committed_dir, sha256_file
 
@@ -23,7 +24,11 @@ CARD_FILE = "README.md"
 INTEGRATION_FILE = "INTEGRATION.md"
 LIBRARY_FILE = "library.json"
 WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_FILE, ROUTER_FILE, MANIFEST_FILE, NULL_ROUTE_FILE)
-BUNDLE_FILES = frozenset({*WEIGHT_FILES, CARD_FILE, INTEGRATION_FILE, LIBRARY_FILE, MARKER})
+# The attestation files (factory.attestation): the signed statement over the weight files and
+# the card, the factory's public key and the transparency log up to the version's entry.
+BUNDLE_FILES = frozenset(
+    {*WEIGHT_FILES, CARD_FILE, INTEGRATION_FILE, LIBRARY_FILE, MARKER, *ATTESTATION_FILES}
+)
 
 
 class TornExpert(ValueError):
@@ -56,10 +61,16 @@ def bundle_members(folder: Path) -> list[str]:
 
 
 def write_bundle(
-    dest: Path, expert_dir: Path, card: Path, integration: str, library_meta: dict
+    dest: Path,
+    expert_dir: Path,
+    card: Path,
+    integration: str,
+    library_meta: dict,
+    attestation: Path | None = None,
 ) -> Path:
     """Writes a weight bundle as a new committed folder ``dest``: :func:`bundle_members` of
-    ``expert_dir``, the model card, INTEGRATION.md and library.json.
+    ``expert_dir``, the model card, INTEGRATION.md, library.json and, from the folder
+    ``attestation``, the version's attestation files (``taas verify`` checks them).
 
     ``dest`` must not exist or be an empty folder: the user's files are never replaced or deleted
     (an empty folder is removed first, so a file appearing meanwhile makes the commit fail).
@@ -76,4 +87,9 @@ def write_bundle(
         shutil.copyfile(card, tmp / CARD_FILE)
         atomic_write_text(tmp / INTEGRATION_FILE, integration)
         atomic_write_json(tmp / LIBRARY_FILE, library_meta)
+        for name in ATTESTATION_FILES if attestation is not None else ():
+            source = Path(attestation) / name
+            if source.is_symlink() or not source.is_file():
+                raise ValueError(f"attestation: {source} is missing; the version is not attested")
+            shutil.copyfile(source, tmp / name)
     return dest

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from evaluation.benchmark import BenchmarkResult
+from factory.attestation import ProvenanceEvidence
 from factory.commission import PRICE_TAGS, CommissionSpec
 from factory.hashing import json_sha256
 from factory.library.promotion import GateInputs
@@ -92,6 +93,7 @@ def provenance_for(
         parent_adapter_sha256=cycles[0].parent_adapter_sha256 or "",
         **_parent(job),
         customer_id=customer_id_for(spec.customer),
+        evidence=evidence_for(job, cycles),
         # The licence section's prices (decimal strings); unset ones are left to the catalog.
         **prices,
     )
@@ -104,6 +106,38 @@ def _parent(job: Job) -> dict[str, str]:
         return {}
     name, _, version = job.warm_start_expert.partition("@")
     return {"parent_expert": name, "parent_version": version, "parent_share": job.parent_share}
+
+
+def evidence_for(job: Job, cycles: list[CycleResult]) -> ProvenanceEvidence:
+    """What the attestation records of each cycle: the PoL batch plan and seed, and every
+    candidate with its score and its contributor's signed manifest (read from the cycle's line
+    and inbox folders)."""
+    from factory.attestation import CandidateEvidence, CycleEvidence
+    from factory.library.attest import signed_manifests
+
+    recorded = []
+    for c in cycles:
+        folder = job.cycle_dir(c.cycle)
+        signed = signed_manifests(
+            [folder.with_name(f"{folder.name}.{s}") for s in ("lines", "inbox")]
+        )
+        candidates = []
+        for cand in c.merge.candidates:
+            manifest, signature = signed.get(
+                (cand.candidate_id, cand.adapter_sha256 or ""), (None, None)
+            )
+            candidates.append(CandidateEvidence(
+                candidate_id=cand.candidate_id, contributor_id=cand.contributor_id,
+                accepted=cand.accepted, reason=cand.reason, score=cand.score,
+                adapter_sha256=cand.adapter_sha256, manifest=manifest, signature=signature,
+            ))  # fmt: skip
+        recorded.append(CycleEvidence(
+            cycle=c.cycle, pol_seed=c.pol_plan.seed, pol_batch_size=c.pol_plan.batch_size,
+            pol_num_batches=c.pol_plan.num_batches, batch_indices=c.merge.batch_indices,
+            heldout_loss_before=c.heldout_loss_before, heldout_loss_after=c.heldout_loss_after,
+            candidates=candidates,
+        ))  # fmt: skip
+    return ProvenanceEvidence(spec_sha256=job.spec_sha256, cycles=recorded)
 
 
 def _scores(table: dict, model: str, tasks: list[str]) -> dict[str, float]:

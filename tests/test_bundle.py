@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from factory.attestation import ATTESTATION_FILES
 from factory.bundle import BUNDLE_FILES, TornExpert, bundle_members, write_bundle
 from factory.expert import load_expert, save_expert
 from infra.atomic import MARKER, verify_committed
@@ -121,7 +122,8 @@ def test_library_export_command(taas_home, tiny_expert_folder, tmp_path, capsys)
     assert last.startswith("taas: error: dest: ") and "not an empty folder" in last
     assert [p.name for p in dest.iterdir()] == ["mine.txt"]
     assert main(["library", "export", "expert-legal", "--dest", str(dest / "bundle")]) == 0
-    assert {p.name for p in (dest / "bundle").iterdir()} == ALLOWED
+    # A registered version's bundle also carries its attestation (taas verify checks it).
+    assert {p.name for p in (dest / "bundle").iterdir()} == ALLOWED | set(ATTESTATION_FILES)
     assert (dest / "mine.txt").read_text() == "mine"
 
 

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evaluation.benchmark import BenchmarkResult
+from factory.attestation import ProvenanceEvidence
 from factory.commission import PRICE_TAGS, price_amount
 from factory.expert import ExpertManifest
 
@@ -58,6 +59,9 @@ class RegistrationProvenance(BaseModel):
     # tagged with its owner and refuses versions from any other customer.
     customer_id: str = ""
     code_version: str | None = None
+    # What the version's attestation (factory.library.attest) records beyond the tags: the
+    # spec's sha256 and each cycle's PoL batch plan, candidates and contributors' signatures.
+    evidence: ProvenanceEvidence = Field(default_factory=ProvenanceEvidence)
     # Prices from the commission's licence section (exact decimal strings); None: not priced.
     price_per_1k_tokens: str | None = None
     weight_fee: str | None = None

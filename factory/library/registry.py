@@ -212,10 +212,37 @@ class ExpertLibrary:
             {f"bench.{task}.{m}": v for task, per in scores.items() for m, v in per.items()},
         )
         mv = t.create_version(self.tracking, manifest.expert_id, run_id, "expert", tags)
+        try:
+            self._attest(run_id, Path(folder), manifest, prov, tags, card, str(mv.version))
+        except BaseException:
+            # Never a version without its attestation: the claim is released and a retry
+            # registers (and attests) the result anew.
+            t.delete_version(self.tracking, manifest.expert_id, str(mv.version))
+            raise
         t.set_alias(self.tracking, manifest.expert_id, CHALLENGER, str(mv.version))
         if own_run:
             t.end_run(self.tracking, run_id)
         return self._version(manifest.expert_id, str(mv.version))
+
+    def _attest(self, run_id, folder, manifest, prov, tags, card, version) -> None:
+        """Signs the version's statement, appends it to the transparency log, and stores the
+        envelope, key and log excerpt as the run's ``attestation/`` artifact."""
+        from factory.attestation import envelope_sha256
+        from factory.ledger import Ledger
+        from factory.library import attest
+
+        ledger = Ledger(self.settings.db_url)
+        statement = attest.statement_for(
+            folder, card, manifest, prov, tags, version, ledger.public_key
+        )
+        attested = attest.attest_version(self.settings.home, statement)
+        with tempfile.TemporaryDirectory(prefix="taas-attest-") as staging:
+            attest.write_attestation(Path(staging), self.settings.home, attested)
+            self._t.log_artifacts(self.tracking, run_id, Path(staging), attest.ATTESTATION_ARTIFACT)
+        digest = envelope_sha256(attested.envelope)
+        self._t.set_version_tag(
+            self.tracking, manifest.expert_id, version, attest.ATTESTATION_TAG, digest
+        )
 
     # -- promotion --
 
@@ -357,6 +384,7 @@ class ExpertLibrary:
         """A weight bundle (:func:`factory.bundle.write_bundle`: only weights, router, manifest,
         model card, INTEGRATION.md, library.json) in a new or empty folder ``dest``."""
         from factory.bundle import write_bundle
+        from factory.library.attest import ATTESTATION_ARTIFACT, ATTESTATION_TAG
 
         v = self._resolve(name, ref)
         dest = Path(dest)
@@ -368,9 +396,13 @@ class ExpertLibrary:
             card = self._t.download_run_artifacts(self.tracking, v.run_id, "card", Path(scratch))
             hint = str(self.settings.base_model_dir or f"<folder of {manifest.base_model}>")
             meta = {"name": name, "version": v.version, "aliases": v.aliases, "tags": v.tags}
-            write_bundle(
-                dest, expert_dir, card / "README.md", integration_markdown(manifest, hint), meta
-            )
+            attested = None  # versions registered before attestations existed carry none
+            if ATTESTATION_TAG in v.tags:
+                attested = self._t.download_run_artifacts(
+                    self.tracking, v.run_id, ATTESTATION_ARTIFACT, Path(scratch)
+                )
+            write_bundle(dest, expert_dir, card / "README.md",
+                         integration_markdown(manifest, hint), meta, attested)  # fmt: skip
         return dest
 
     def resolve_expert_folder(self, name_or_alias: str) -> Path:
