@@ -46,6 +46,9 @@ STAGES = {
     "promote-expert": "registration",
 }
 
+# A subflow shows as a task run of the parent flow; its own tasks are counted instead.
+SUBFLOWS = {"other tasks (cycle)"}
+
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end] intervals (seconds)."""
@@ -62,11 +65,17 @@ async def task_runs_since(started: datetime) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
 
+    runs: list = []
     async with get_client() as client:
-        return await client.read_task_runs(
-            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=started)),
-            limit=10_000,
-        )
+        while True:  # the API answers at most 200 per call
+            page = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=started)),
+                limit=200,
+                offset=len(runs),
+            )
+            runs += page
+            if len(page) < 200:
+                return runs
 
 
 def stage_of(task_run_name: str) -> str:
@@ -79,6 +88,11 @@ def main() -> int:
     parser.add_argument("--home", type=Path, default=None, help="TAAS_HOME (default: new temp)")
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "legal_commission.yaml")
     parser.add_argument("--cycles", type=int, default=None, help="override budget.cycles")
+    parser.add_argument(
+        "--since",
+        default=None,
+        help="run nothing: report the task runs of --home's Prefect API since this ISO time",
+    )
     args = parser.parse_args()
     home = (args.home or Path(tempfile.mkdtemp(prefix="taas-stages-"))).resolve()
     os.environ["TAAS_HOME"] = str(home)
@@ -88,6 +102,8 @@ def main() -> int:
         ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
         ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true"),
         ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("TOKENIZERS_PARALLELISM", "false"),
+        # a fresh Prefect home on busy cores can take more than the default 20 s to come up
+        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
     ):  # fmt: skip
         os.environ.setdefault(name, value)
     sys.path.insert(0, str(REPO))
@@ -98,23 +114,38 @@ def main() -> int:
     from flows.commission import print_summary
 
     print(f"home {home}; spec {args.spec}")
-    started_at = datetime.now(UTC)
-    started = time.perf_counter()
-    summary, spec_path = run_demo(args.spec, args.cycles)
-    commission_s = time.perf_counter() - started
-    print_summary(summary)
-    started = time.perf_counter()
-    print_side_by_side(*side_by_side(spec_path, summary["commission_id"]))
-    sample_s = time.perf_counter() - started
+    summary, sample_s = {}, 0.0
+    if args.since:
+        started_at, commission_s = datetime.fromisoformat(args.since), None
+    else:
+        started_at = datetime.now(UTC)
+        started = time.perf_counter()
+        try:
+            summary, spec_path = run_demo(args.spec, args.cycles)
+        finally:  # a failed or cancelled run still reports the stages it went through
+            commission_s = time.perf_counter() - started
+            print(f"started at {started_at.isoformat()}")
+        print_summary(summary)
+        started = time.perf_counter()
+        print_side_by_side(*side_by_side(spec_path, summary["commission_id"]))
+        sample_s = time.perf_counter() - started
+    report(started_at, commission_s, sample_s, home)
+    return 0 if summary.get("registered") else 1
 
+
+def report(started_at: datetime, commission_s: float | None, sample_s: float, home: Path) -> None:
+    """Prints the stage table and the JSON line (see the module doc); ``commission_s`` None:
+    up to the end of the last task run."""
     intervals: dict[str, list[tuple[float, float]]] = {}
     for run in asyncio.run(task_runs_since(started_at)):
-        if run.start_time is None or run.end_time is None:
+        if run.start_time is None or run.end_time is None or stage_of(run.name) in SUBFLOWS:
             continue
         span = (run.start_time.timestamp(), run.end_time.timestamp())
         intervals.setdefault(stage_of(run.name), []).append(span)
     stages = {name: union_seconds(spans) for name, spans in intervals.items()}
     all_spans = [s for spans in intervals.values() for s in spans]
+    if commission_s is None:
+        commission_s = max(end for _, end in all_spans) - started_at.timestamp()
     stages["other (flow, MLflow, API)"] = max(0.0, commission_s - union_seconds(all_spans))
     share = stages.get("training", 0.0) / commission_s
     print(f"\n{'stage':<34} {'seconds':>9} {'share':>7}")
@@ -131,7 +162,6 @@ def main() -> int:
         "home": str(home),
     }
     print(json.dumps(body))
-    return 0 if summary.get("registered") else 1
 
 
 if __name__ == "__main__":
