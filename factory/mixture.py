@@ -75,9 +75,10 @@ class LayerRouting:
 
 
 def _top_routes(probs_NR: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of the k largest probabilities per row, largest first; for k <= 2 by
-    max passes, which on CPU cost a fraction of topk over a few dozen columns."""
-    if k > 2:
+    """(values, indices) of the k largest probabilities per row, largest first. For k <= 2 over
+    many rows by max passes: on CPU, topk over a few dozen columns costs about 8x as much at a
+    thousand rows (and about the same at a few)."""
+    if k > 2 or probs_NR.shape[0] <= 256:
         return probs_NR.topk(k, dim=-1)
     first_p, first_id = probs_NR.max(-1, keepdim=True)
     if k == 1:
@@ -130,6 +131,7 @@ class MixtureModel(nn.Module):
         self.register_buffer("router_center", param.new_zeros(self.num_layers, self.hidden_size))
         self._forced: int | None = None  # None: learned routing; -1: base only; e: expert e
         self._trace: list[LayerRouting] | None = None
+        self._fused_router: tuple[torch.Tensor, torch.Tensor] | None = None  # during a forward
         self._captured: list[list[torch.Tensor]] | None = None
         self._restack()
 
@@ -269,7 +271,8 @@ class MixtureModel(nn.Module):
         token's experts are summed in one order whatever order they were added in (removing and
         re-adding an expert reproduces the logits). ``slot_of_route`` maps a route id to its slot
         (-1, the null route, to E); A stays [L,E,R,D], B becomes B^T*scaling [L,E,R,O] (a plain
-        matrix per expert, and [E*R, O] is a free view). The grouped path reads A^T as plain
+        matrix per expert, and [E*R, O] is a free view). The dense path reads gate's and up's A
+        as one ``lora_A_gate_up_flat`` [L, 2*E*R, H]. The grouped path reads A^T as plain
         matrices: ``lora_At_down_proj`` [L,E,I,R] and ``lora_At_gate_up`` [L,E,H,2R], gate's and
         up's side by side (they read the same input, so one matmul serves both)."""
         num_experts = len(self.experts)
@@ -285,6 +288,15 @@ class MixtureModel(nn.Module):
             self.register_buffer(f"lora_A_{projection}", a, persistent=False)
             b = b.transpose(-2, -1).contiguous()
             self.register_buffer(f"lora_B_{projection}", b, persistent=False)
+        # Dense path: gate's then up's A as one [2*E*R, H] matrix per layer; the per-projection
+        # A stacks become views of it, so the layout costs no memory of its own.
+        layers, num_slots, rank, hidden = self.lora_A_gate_proj.shape
+        flat = torch.cat([self.lora_A_gate_proj, self.lora_A_up_proj], 1)
+        flat = flat.reshape(layers, 2 * num_slots * rank, hidden)
+        self.register_buffer("lora_A_gate_up_flat", flat, persistent=False)
+        halves = flat.view(layers, 2, num_slots, rank, hidden).unbind(1)
+        self.register_buffer("lora_A_gate_proj", halves[0], persistent=False)
+        self.register_buffer("lora_A_up_proj", halves[1], persistent=False)
         gate_up = torch.cat([self.lora_A_gate_proj, self.lora_A_up_proj], 2)
         self.register_buffer("lora_At_gate_up", gate_up.transpose(-2, -1).contiguous(), False)
         down = self.lora_A_down_proj.transpose(-2, -1).contiguous()
@@ -306,6 +318,15 @@ class MixtureModel(nn.Module):
         finally:
             self._forced = previous
 
+    def _fuse_router(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer the [H, E+1] router matrix (experts' rows, then the null row) and the [E+1]
+        bias (0 for experts, the null bias), both divided by the temperature, so one addmm gives
+        a layer's logits; built once per forward, inside the autograd graph of the rows."""
+        rows_LRH = torch.cat([self.router_rows, self.null_rows[:, None]], 1)
+        zeros_LE = self.null_bias.new_zeros(self.num_layers, len(self.experts))
+        bias_LR = torch.cat([zeros_LE, self.null_bias[:, None]], 1)
+        return rows_LRH.transpose(1, 2) / self.temperature, bias_LR / self.temperature
+
     def route(self, layer: int, x_NH: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(route_ids_NK with -1 = null, weights_NK, probs_N(E+1), logits_N(E+1) / temperature or
         None under a forced route) for one layer's MLP input."""
@@ -315,9 +336,8 @@ class MixtureModel(nn.Module):
             probs = x_NH.new_zeros(x_NH.shape[0], num_experts + 1)
             probs[:, self._forced] = 1.0  # index -1 is the null column, last
             return ids, torch.ones_like(ids, dtype=x_NH.dtype), probs, None
-        u_NH = x_NH - self.router_center[layer]
-        null_N1 = (u_NH @ self.null_rows[layer] + self.null_bias[layer]).unsqueeze(-1)
-        logits = torch.cat([u_NH @ self.router_rows[layer].T, null_N1], -1) / self.temperature
+        weight_LHR, bias_LR = self._fused_router or self._fuse_router()
+        logits = torch.addmm(bias_LR[layer], x_NH - self.router_center[layer], weight_LHR[layer])
         probs = logits.softmax(-1)
         top_p, top_ids = _top_routes(probs, min(self.top_k, num_experts + 1))
         weights = top_p / top_p.sum(-1, keepdim=True)
@@ -346,6 +366,8 @@ class MixtureModel(nn.Module):
             plan = RoutePlan(expert=self._slots[self._forced])
         else:
             plan = route_plan(self.slot_of_route[ids_NK], weights_NK, len(self.experts), rank)
+        if plan.weights_NE is not None:
+            return self._dense_mlp(layer, mlp, x_NH, plan.weights_NE).view(*lead, -1)
         grouped = plan.token_P is not None
         if grouped and plan.token_P.numel() == 0:
             return mlp(x_BTH)  # every token chose the null route
@@ -362,6 +384,26 @@ class MixtureModel(nn.Module):
         if grouped:
             h_down = weighted_lora_a(hidden, self.lora_At_down_proj[layer], plan)
         return project("down_proj", hidden, h_down).view(*lead, -1)
+
+    def _dense_mlp(
+        self, layer: int, mlp: nn.Module, x_NH: torch.Tensor, weights_NE
+    ) -> torch.Tensor:
+        """The routed MLP with every expert's A on every token and each token's weight on each
+        expert (0 where not chosen): few ops, for few tokens or few experts. Gate and up share
+        one A matmul; each B product is added to the base projection by addmm."""
+        num_tokens, num_slots, rank = x_NH.shape[0], *self.lora_A_gate_proj.shape[1:3]
+        stacked = num_slots * rank
+        b_gate, b_up, b_down = (
+            getattr(self, f"lora_B_{name}")[layer].reshape(stacked, -1)
+            for name in ("gate_proj", "up_proj", "down_proj")
+        )
+        h_N2ER = (x_NH @ self.lora_A_gate_up_flat[layer].mT).view(num_tokens, 2, num_slots, rank)
+        h_N2M = (h_N2ER * weights_NE[:, None, :, None]).view(num_tokens, 2, stacked)
+        gate = torch.addmm(mlp.gate_proj(x_NH), h_N2M[:, 0], b_gate)
+        hidden = mlp.act_fn(gate) * torch.addmm(mlp.up_proj(x_NH), h_N2M[:, 1], b_up)
+        a_down = self.lora_A_down_proj[layer].reshape(stacked, -1)
+        h_NER = (hidden @ a_down.mT).view(num_tokens, num_slots, rank) * weights_NE[..., None]
+        return torch.addmm(mlp.down_proj(hidden), h_NER.view(num_tokens, stacked), b_down)
 
     # ----- what evaluation harnesses expect of a Hugging Face causal LM ------------------
     @property
@@ -389,6 +431,7 @@ class MixtureModel(nn.Module):
         routed = self.__dict__.setdefault("_routed_mlps", {})
         self._trace = [] if return_routing else None
         try:
+            self._fused_router = None if self._forced is not None else self._fuse_router()
             for index, layer in enumerate(layers):
                 key = (index, id(originals[index]))  # the stand-in keeps that MLP alive
                 if key not in routed:
@@ -398,7 +441,7 @@ class MixtureModel(nn.Module):
         finally:
             for layer, mlp in zip(layers, originals, strict=True):
                 layer.mlp = mlp
-            trace, self._trace = self._trace, None
+            trace, self._trace, self._fused_router = self._trace, None, None
         return (output, trace) if return_routing else output
 
     @torch.no_grad()
@@ -459,13 +502,15 @@ def stream_routes(
     device = mixture.device
     ids_BT = input_ids_BT.to(device)
     mask_BT = torch.ones_like(ids_BT) if attention_mask_BT is None else attention_mask_BT.to(device)
+    # Without padding the base's own positions and causal mask are right and cheaper.
+    padded = not bool(mask_BT.all())
     step_ids, cache = ids_BT, None
     for _ in range(max_new_tokens):
-        positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+        positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0) if padded else None
         output, trace = mixture(
             step_ids,
-            attention_mask=mask_BT,
-            position_ids=positions_BT[:, -step_ids.shape[1] :],
+            attention_mask=mask_BT if padded else None,
+            position_ids=positions_BT[:, -step_ids.shape[1] :] if padded else None,
             cache=cache,
             use_cache=use_cache,
             logits_to_keep=1,
@@ -478,7 +523,8 @@ def stream_routes(
             next_B = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)[:, 0]
         route_B = majority_route([_last_position(r) for r in trace])[:, 0]
         yield DecodeStep(next_B, route_B, logits_BV)
-        mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], 1)
+        if padded:
+            mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], 1)
         if use_cache:
             step_ids, cache = next_B[:, None], output.cache
         else:

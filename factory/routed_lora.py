@@ -8,7 +8,8 @@ A mixture layer applies, per token n and chosen expert e with routing weight w,
 base's speed; here instead, per layer (:func:`route_plan`, shared by gate, up and down):
 
 - dense, while E * R is small: ``x @ A_all^T`` for every expert in one matmul, each token's
-  weight on every expert (0 where not chosen), then ``@ B_all`` in one matmul;
+  weight on every expert (0 where not chosen), then ``@ B_all`` in one matmul
+  (:meth:`factory.mixture.MixtureModel._dense_mlp`);
 - grouped, otherwise: the token-route pairs are sorted by expert and each expert multiplies
   only its own segment (``torch.nn.functional.grouped_mm`` where the device and dtype run it,
   a loop over the non-empty segments elsewhere); the results are added back per token.
@@ -24,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# At or below this many stacked rank rows (E * R), every expert's A runs on every token as one
-# dense matmul and no sort is needed (the extra FLOPs are tiny); above it, the token-route pairs
-# are sorted by expert and each expert multiplies only its own segment. Set from
-# bench.mixture_throughput on CPU (see its docstring).
-DENSE_MAX_STACKED_RANK = 32
+# At or below this many stacked rank rows (E * R), every expert's factors run on every token as
+# a few dense matmuls and nothing is sorted: few ops, and the extra FLOPs and factor reads stay
+# small; above it, the token-route pairs are sorted by expert and each expert multiplies only
+# its own segment. Set from bench.mixture_throughput on CPU (rank 8: dense up to E = 8). Even a
+# decoding step (one token) reads every expert's factors on the dense path, which at E = 64 on
+# the demo base cost more than the grouped path's extra ops.
+DENSE_MAX_STACKED_RANK = 64
 
 
 @dataclass
@@ -131,19 +134,14 @@ def routed_projection(
     plan: RoutePlan,
     h_PR: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W x + sum over the token's chosen experts of weight * B_e A_e x (scaling is in B).
+    """W x + sum over the token's chosen experts of weight * B_e A_e x (scaling is in B), for a
+    forced or a grouped plan (the dense plan runs as :meth:`MixtureModel._dense_mlp`).
 
     ``h_PR``: the grouped path's weight * A x per pair (:func:`weighted_lora_a`), which the
     caller computes because gate and up share it."""
     out_NO = linear(x_ND)
     if plan.expert is not None:
-        return out_NO + (x_ND @ a_ERD[plan.expert].T) @ b_ERO[plan.expert]
-    num_experts, rank = a_ERD.shape[:2]
-    if plan.weights_NE is not None:
-        stacked = num_experts * rank
-        h_NER = (x_ND @ a_ERD.reshape(stacked, -1).T).view(-1, num_experts, rank)
-        h_NER = h_NER * plan.weights_NE.unsqueeze(-1)
-        return out_NO + h_NER.reshape(-1, stacked) @ b_ERO.reshape(stacked, -1)
+        return out_NO + (x_ND @ a_ERD[plan.expert].mT) @ b_ERO[plan.expert]
     assert h_PR is not None, "the grouped path takes weight * A x per pair from the caller"
     # In place: the base projection's backward does not need its output.
     return out_NO.index_add_(0, plan.token_P, segment_matmul(h_PR, b_ERO, plan))

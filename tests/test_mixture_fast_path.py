@@ -184,7 +184,7 @@ def test_route_plan_sorts_pairs_by_expert_and_drops_the_null_route(monkeypatch):
     assert plan.token_P.tolist() == [0, 2, 1, 3, 0, 2]  # expert 0: tokens 0, 2; 1: 1, 3; 2: 0, 2
     assert plan.weight_P1[:, 0].tolist() == pytest.approx([0.4, 0.9, 0.3, 0.8, 0.6, 0.1])
     assert plan.counts == [2, 2, 2] and plan.offsets_E.tolist() == [2, 4, 6]
-    monkeypatch.setattr(routed_lora, "DENSE_MAX_STACKED_RANK", 12)
+    monkeypatch.setattr(routed_lora, "DENSE_MAX_STACKED_RANK", 3 * 4)  # E * R
     dense = route_plan(keys_NK, weights_NK, num_experts=3, rank=4)
     expected = [[0.4, 0.0, 0.6], [0.0, 0.3, 0.0], [0.9, 0.0, 0.1], [0.0, 0.8, 0.0]]
     torch.testing.assert_close(dense.weights_NE, torch.tensor(expected))
