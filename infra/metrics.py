@@ -3,6 +3,10 @@
 :class:`MlflowMetricSink` takes the worker's ``TAAS_METRIC`` dicts (``step`` plus numeric values)
 and sends them with ``MlflowClient.log_batch`` every ``batch_size`` metrics and on ``close``, so a
 line logging every step costs one request per batch, not one per value.
+
+Each production line logs into a run of its own, nested under the commission run and named by
+cycle and line (``cycle-2/line-1``, :func:`nested_run`), so the lines' ``loss`` curves stay
+apart; a retried line finds its run again by that name and continues it.
 """
 
 from __future__ import annotations
@@ -48,3 +52,29 @@ class MlflowMetricSink:
 
     def close(self) -> None:
         self.flush()
+
+
+def nested_run(tracking_uri: str, parent_run_id: str, name: str) -> str:
+    """The id of the child run ``name`` under ``parent_run_id``: found when a retry made it
+    before, else created (tag ``mlflow.parentRunId``, which the MLflow UI nests by)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent = client.get_run(parent_run_id)
+    experiment_id = parent.info.experiment_id
+    quoted = name.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`mlflow.runName` = '{quoted}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {"mlflow.parentRunId": parent_run_id}
+    tags.update({k: v for k, v in parent.data.tags.items() if k in ("commission_id", "domain")})
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def end_nested_run(tracking_uri: str, run_id: str, status: str) -> None:
+    MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)

@@ -12,6 +12,7 @@ folder, so versions are made with ``create_model_version`` from a run's artifact
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from infra.settings import Settings
 
 # MLflow caps tag values; JSON provenance tags are kept below this.
 MAX_TAG_CHARS = 5000
+# The registry's description column (model versions) holds 5000 characters.
+MAX_DESCRIPTION = 5000
+# MLflow's dataset digest column holds 36 characters; the full sha256 goes into an input tag.
+MAX_DIGEST_CHARS = 36
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,52 @@ def log_params(tracking: Tracking, run_id: str, params: dict[str, Any]) -> None:
         tracking.client.log_param(run_id, key, text[:6000])
 
 
+def set_run_tags(tracking: Tracking, run_id: str, tags: dict[str, str]) -> None:
+    """Tags, unlike params, may change: what differs per attempt (a retry) goes here."""
+    for key, value in sorted(tags.items()):
+        tracking.client.set_tag(run_id, key, str(value)[:MAX_TAG_CHARS])
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A JSON-lines dataset to record as a run input: ``context`` is train, heldout, ...;
+    ``sha256`` is over the file's bytes; ``tags`` are added to the input (e.g. the sources'
+    ``dataset_sha256``)."""
+
+    name: str
+    context: str
+    path: Path
+    sha256: str
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of_file(cls, path: Path, name: str, context: str, **tags: str) -> DatasetRef:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return cls(name, context, Path(path), digest.hexdigest(), tuple(sorted(tags.items())))
+
+
+def log_datasets(tracking: Tracking, run_id: str, datasets: list[DatasetRef]) -> None:
+    """Records each dataset as an MLflow dataset input (schema and row count, not the rows),
+    its digest our sha256 (cut to MLflow's 36 characters; the full one in tag ``sha256``)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for ref in datasets:
+        frame = pd.read_json(ref.path, lines=True) if ref.path.stat().st_size else pd.DataFrame()
+        dataset = mlflow.data.from_pandas(
+            frame, source=str(ref.path), name=ref.name, digest=ref.sha256[:MAX_DIGEST_CHARS]
+        )
+        tags = [InputTag("mlflow.data.context", ref.context), InputTag("sha256", ref.sha256)]
+        tags += [InputTag(k, v) for k, v in ref.tags]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    tracking.client.log_inputs(run_id, datasets=inputs)
+
+
 def log_metrics(
     tracking: Tracking, run_id: str, metrics: dict[str, float], step: int | None = None
 ) -> None:
@@ -161,12 +212,25 @@ def ensure_registered_model(
 
 
 def create_version(
-    tracking: Tracking, name: str, run_id: str, artifact_path: str, tags: dict[str, str]
+    tracking: Tracking,
+    name: str,
+    run_id: str,
+    artifact_path: str,
+    tags: dict[str, str],
+    description: str = "",
 ) -> ModelVersion:
-    """A model version whose source is a folder of a run's artifacts."""
+    """A model version whose source is a folder of a run's artifacts (an MLflow model folder
+    for ``models:/`` loading); ``description`` is cut to the registry's limit."""
     run = tracking.client.get_run(run_id)
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    return tracking.client.create_model_version(name, source, run_id=run_id, tags=tags)
+    return tracking.client.create_model_version(
+        name, source, run_id=run_id, tags=tags, description=_cut(description, MAX_DESCRIPTION)
+    )
+
+
+def _cut(text: str, limit: int) -> str:
+    marker = "\n\n[cut to the registry's limit; the full text is in the version's artifacts]"
+    return text if len(text) <= limit else text[: limit - len(marker)] + marker
 
 
 def get_version(tracking: Tracking, name: str, version: str) -> ModelVersion:

@@ -110,6 +110,12 @@ def open_job(
             "spec_sha256": intake.spec_sha256, "dataset_sha256": intake.dataset_sha256,
             **{f"spec.{k}": v for k, v in spec.model_dump(mode="json").items()},
         })  # fmt: skip
+        tracking.log_datasets(t, run_id, [
+            tracking.DatasetRef.of_file(intake.data_dir / f"{part}.jsonl",
+                                        f"{commission_id}-{part}", part,
+                                        dataset_sha256=intake.dataset_sha256)
+            for part in ("train", "heldout")
+        ])  # fmt: skip
     base_name, base_sha = base_model_identity(spec, intake.base_model_path)
     return Job(
         commission_id=commission_id,

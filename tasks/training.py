@@ -63,11 +63,14 @@ def run_training(
     """Runs the line once; raises RetryableTrainingFailure for the retryable outcome."""
     config_path = Path(config.checkpoint_dir) / "train_config.json"
     atomic_write_json(config_path, config.model_dump(mode="json"))
-    sink = None
+    sink = line_run = None
     if tracking_uri and run_id:
-        from infra.metrics import MlflowMetricSink
+        from infra.metrics import MlflowMetricSink, nested_run
 
-        sink = MlflowMetricSink(tracking_uri, run_id)
+        # A run per line under the commission run, so the lines' curves do not overwrite.
+        line_run = nested_run(tracking_uri, run_id, f"cycle-{config.cycle}/{config.contributor_id}")
+        sink = MlflowMetricSink(tracking_uri, line_run)
+    status = "FAILED"
     try:
         result = launch(
             ["--config", str(config_path)],
@@ -79,9 +82,13 @@ def run_training(
             on_metric=sink,
             log_path=Path(config.checkpoint_dir) / "train.log",
         )
+        status = "FINISHED" if result.outcome == "ok" else "FAILED"
     finally:
         if sink is not None:
+            from infra.metrics import end_nested_run
+
             sink.close()
+            end_nested_run(tracking_uri, line_run, status)
     if result.outcome == "retryable":
         raise RetryableTrainingFailure(f"training line failed: {result.reason}")
     last = result.metrics[-1] if result.metrics else {}

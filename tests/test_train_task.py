@@ -68,7 +68,11 @@ def test_train_line_task_writes_a_signed_candidate_and_logs_metrics(
     assert manifest.parent_adapter_sha256 is None
     public = public_key_b64(load_or_create_key(tmp_path / "line-2.pem"))
     assert verify(public, manifest.model_dump(mode="json"), files.signature.read_text())
-    history = client.get_metric_history(run_id, "loss")
+    # The line's curves go to its own run, nested under the given one and named by cycle/line.
+    lines = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert [(r.info.run_name, r.info.status) for r in lines] == [("cycle-1/line-2", "FINISHED")]
+    assert client.get_metric_history(run_id, "loss") == []
+    history = client.get_metric_history(lines[0].info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert history[-1].value == pytest.approx(out.final_loss, abs=1e-6)
 

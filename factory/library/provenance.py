@@ -24,6 +24,9 @@ from factory.attestation import ProvenanceEvidence
 from factory.commission import PRICE_TAGS, price_amount
 from factory.expert import ExpertManifest
 
+# Written anew by each registration attempt: run tags, never (immutable) run params.
+PER_ATTEMPT_TAGS = ("trained_at", "code_version")
+
 PROVENANCE_TAGS = (
     "commission_id domain expert_id base_model base_model_sha256 dataset_sha256 adapter_sha256 "
     "config_hash code_version pol_scores wise_ft_alpha cycles contributors licence visibility "
@@ -59,6 +62,9 @@ class RegistrationProvenance(BaseModel):
     # tagged with its owner and refuses versions from any other customer.
     customer_id: str = ""
     code_version: str | None = None
+    # Where the base lives on the registering machine: the MLflow model references it (with its
+    # sha256) instead of copying it. Not a tag: another machine passes its own folder at load.
+    base_model_path: Path | None = None
     # What the version's attestation (factory.library.attest) records beyond the tags: the
     # spec's sha256 and each cycle's PoL batch plan, candidates and contributors' signatures.
     evidence: ProvenanceEvidence = Field(default_factory=ProvenanceEvidence)

@@ -1,8 +1,12 @@
 """The expert library: experts as MLflow registered models, one version per accepted result.
 
 One registered model per expert (named by the manifest's ``expert_id``, e.g. ``expert-legal``);
-each version's source is the run artifact folder ``expert/`` (the committed expert folder), next to
-``card/README.md`` (model card), ``benchmark/results.json`` (lm-eval) and ``plots/``. Provenance
+each version's source is the run artifact folder ``model/``, an MLflow pyfunc model
+(:mod:`factory.library.mlflow_model`: the base by reference, the adapter inside), so
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve`` answer prompts;
+the version's description is its model card. Next to it: ``expert/`` (the committed expert
+folder, which downloads read), ``card/README.md`` (model card), ``benchmark/results.json``
+(lm-eval) and ``plots/``. Provenance
 lives in version tags (:mod:`factory.library.provenance`). A new version gets alias
 ``challenger``; only the promotion gate (:mod:`factory.library.promotion`) makes one
 ``champion``, and the champion it replaces is pushed onto the model's ``champion_history`` tag so
@@ -42,6 +46,7 @@ from factory.hashing import json_sha256
 from factory.library.claims import ClaimTable
 from factory.library.promotion import GateInputs, PromotionDecision, promotion_gate
 from factory.library.provenance import (
+    PER_ATTEMPT_TAGS,
     PROVENANCE_TAGS,
     RegistrationProvenance,
     expert_scores,
@@ -171,6 +176,8 @@ class ExpertLibrary:
         return existing
 
     def _create(self, folder, expert, prov, key, benchmark, plots, run_id) -> LibraryVersion:
+        from factory.library.mlflow_model import MODEL_ARTIFACT, save_expert_model
+
         t, manifest = self._t, expert.manifest
         scores, base_scores = expert_scores(benchmark)
         tags = version_tags(manifest, prov, key, scores, t.MAX_TAG_CHARS)
@@ -205,13 +212,29 @@ class ExpertLibrary:
                 t.log_artifacts(self.tracking, run_id, staging / "benchmark", "benchmark")
             for plot in plots:
                 t.log_artifacts(self.tracking, run_id, plot, "plots")
-        t.log_params(self.tracking, run_id, {f"prov.{k}": v for k, v in tags.items()})
+            save_expert_model(
+                staging / MODEL_ARTIFACT,
+                Path(folder),
+                prov.base_model_path or self.settings.base_model_dir,
+                manifest.base_model_sha256,
+                {"expert_id": manifest.expert_id, "adapter_sha256": manifest.adapter_sha256},
+            )
+            t.log_artifacts(self.tracking, run_id, staging / MODEL_ARTIFACT, MODEL_ARTIFACT)
+        # Params are immutable in MLflow: a retried registration on the same run logs the same
+        # params again (allowed) and puts what differs per attempt into run tags.
+        stable = {k: v for k, v in tags.items() if k not in PER_ATTEMPT_TAGS}
+        t.log_params(self.tracking, run_id, {f"prov.{k}": v for k, v in stable.items()})
+        t.set_run_tags(
+            self.tracking, run_id, {f"prov.{k}": tags[k] for k in PER_ATTEMPT_TAGS if k in tags}
+        )
         t.log_metrics(
             self.tracking,
             run_id,
             {f"bench.{task}.{m}": v for task, per in scores.items() for m, v in per.items()},
         )
-        mv = t.create_version(self.tracking, manifest.expert_id, run_id, "expert", tags)
+        mv = t.create_version(
+            self.tracking, manifest.expert_id, run_id, MODEL_ARTIFACT, tags, description=card
+        )
         try:
             self._attest(run_id, Path(folder), manifest, prov, tags, card, str(mv.version))
         except BaseException:
