@@ -79,8 +79,12 @@ async def task_runs_since(started: datetime) -> list:
 
 
 def stage_of(task_run_name: str) -> str:
-    base = task_run_name.rsplit("-", 1)[0] if "-" in task_run_name else task_run_name
-    return STAGES.get(base, f"other tasks ({base})")
+    """The stage of a task run named "<task>-<suffix>" or "<task> <what it works on>"."""
+    for task in sorted(STAGES, key=len, reverse=True):
+        if task_run_name == task or task_run_name.startswith((f"{task}-", f"{task} ")):
+            return STAGES[task]
+    first = task_run_name.split(" ", 1)[0]
+    return f"other tasks ({first.rsplit('-', 1)[0] if '-' in first else first})"
 
 
 def main() -> int:
