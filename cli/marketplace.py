@@ -135,6 +135,7 @@ def build_market(args: argparse.Namespace):
         base_path = settings.base_model_dir or ensure_base_model(home, "demo").path
     config = MarketplaceConfig(
         secret=_secret(home),
+        transparency_dir=home / "transparency",
         base_model_path=base_path,
         min_domains=getattr(args, "min_domains", 20),
         min_cycles=getattr(args, "min_cycles", 3),

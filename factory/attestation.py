@@ -248,13 +248,21 @@ def verify_envelope(envelope: Envelope, trusted: Ed25519PublicKey) -> Statement:
     return statement
 
 
+#: attested files a bundle may leave out (the marketplace's download ships weights only); when
+#: present they must match
+OPTIONAL_SUBJECTS = frozenset({"README.md"})
+
+
 def verify_subjects(statement: Statement, bundle: Path, exempt: frozenset[str]) -> None:
-    """Every attested file is in ``bundle`` with its sha256, and every other bundle file is in
-    ``exempt`` (files made at export, or the attestation itself)."""
+    """Every attested file is in ``bundle`` with its sha256 (those of
+    :data:`OPTIONAL_SUBJECTS` may be absent), and every other bundle file is in ``exempt``
+    (files made at export, or the attestation itself)."""
     bundle = Path(bundle)
     attested = {s.name for s in statement.subject}
     for subject in statement.subject:
         path = bundle / subject.name
+        if subject.name in OPTIONAL_SUBJECTS and not (path.exists() or path.is_symlink()):
+            continue
         if path.is_symlink() or not path.is_file():
             raise VerificationError("file_missing", f"{subject.name} is attested but missing")
         if sha256_file(path) != subject.digest.sha256:

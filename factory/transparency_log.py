@@ -1,8 +1,9 @@
 """The factory's transparency log: an append-only, hash-chained JSONL of every attestation.
 
 Entry ``seq`` (0, 1, ...) carries ``prev_sha256``, the sha256 of the previous entry's canonical
-JSON (:data:`GENESIS` for the first), the attested envelope's sha256, the version it is about,
-and the factory key's signature over the entry without its ``sig``. Removing, reordering or
+JSON (:data:`GENESIS` for the first), the attested envelope's sha256, the sha256 of the version
+it is about (``name@version``) and the factory key's signature over the entry without its
+``sig``. Removing, reordering or
 changing an entry breaks the chain from there on; rewriting the chain needs the factory key.
 A bundle carries the log up to its own entry; the full log is published with the library
 (``<home>/transparency/log.jsonl``, served at ``/transparency-log``), and a buyer's copy of an
@@ -10,7 +11,10 @@ older bundle's excerpt must be a prefix of it (a forked log is refused).
 
 Appends hold an exclusive lock (``log.lock``) and rewrite the file atomically (temp, fsync,
 rename), so readers never see half an entry. The factory key is created under the same lock,
-so two first registrations cannot make two keys. Pure file I/O: no MLflow, prefect or boto3.
+so two first registrations cannot make two keys. Each append also keeps, under
+``<home>/transparency/``, the public key (``factory-key.pub``) and the version's three
+attestation files (``versions/<name>/<version>/``), which the marketplace links and ships.
+Pure file I/O: no MLflow, prefect or boto3.
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.attestation import (
+    ATTESTATION_FILE,
+    KEY_FILE,
+    LOG_FILE,
     Envelope,
     Statement,
     VerificationError,
     envelope_sha256,
     key_id,
+    public_key_text,
     sign_statement,
 )
 from factory.signing import canonical_bytes, load_or_create_key
-from infra.atomic import atomic_write_bytes
+from infra.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, committed_dir
 
 GENESIS = "0" * 64
 
@@ -48,7 +56,9 @@ class LogEntry(BaseModel):
     seq: int = Field(ge=0)
     prev_sha256: str
     envelope_sha256: str
-    subject: str  # name@version
+    # sha256 of "name@version": the published log names no expert (an exclusive one's name is
+    # not public), yet a bundle's statement ties itself to its entry.
+    subject_sha256: str
     logged_at: str
     keyid: str
     sig: str = ""
@@ -65,6 +75,21 @@ def factory_key_path(home: Path) -> Path:
 
 def log_path(home: Path) -> Path:
     return Path(home) / "transparency" / "log.jsonl"
+
+
+def published_key_path(home: Path) -> Path:
+    """The factory's public key beside the log, as the marketplace publishes it."""
+    return Path(home) / "transparency" / KEY_FILE
+
+
+def version_attestation_dir(home: Path, name: str, version: str) -> Path:
+    """A version's three attestation files (:data:`ATTESTATION_FILES`), kept beside the log so
+    the marketplace can link and ship them without the registry."""
+    return Path(home) / "transparency" / "versions" / name / version
+
+
+def subject_sha256(name: str, version: str) -> str:
+    return hashlib.sha256(f"{name}@{version}".encode()).hexdigest()
 
 
 def entry_sha256(entry: LogEntry) -> str:
@@ -170,7 +195,7 @@ def attest(home: Path, statement: Statement, logged_at: str) -> Attested:
             seq=len(entries),
             prev_sha256=entry_sha256(entries[-1]) if entries else GENESIS,
             envelope_sha256=envelope_sha256(envelope),
-            subject=f"{predicate.name}@{predicate.version}",
+            subject_sha256=subject_sha256(predicate.name, predicate.version),
             logged_at=logged_at,
             keyid=key_id(key.public_key()),
         )
@@ -178,6 +203,14 @@ def attest(home: Path, statement: Statement, logged_at: str) -> Attested:
         entry = entry.model_copy(update={"sig": sig})
         excerpt = b"".join(entry_line(e) for e in [*entries, entry])
         atomic_write_bytes(path, excerpt)
+        public = public_key_text(key.public_key())
+        atomic_write_text(published_key_path(home), public)
+        with committed_dir(
+            version_attestation_dir(home, predicate.name, predicate.version), overwrite=True
+        ) as tmp:
+            atomic_write_json(tmp / ATTESTATION_FILE, envelope.model_dump(mode="json"))
+            atomic_write_text(tmp / KEY_FILE, public)
+            atomic_write_bytes(tmp / LOG_FILE, excerpt)
     return Attested(envelope=envelope, entry=entry, log_excerpt=excerpt)
 
 
@@ -205,10 +238,7 @@ def verify_bundle(
     contributors' signatures, and the chain of the log (``log``, else the bundle's excerpt)
     holding this attestation. Raises :class:`VerificationError` with the first refusal."""
     from factory.attestation import (
-        ATTESTATION_FILE,
         ATTESTATION_FILES,
-        KEY_FILE,
-        LOG_FILE,
         load_public_key,
         read_envelope,
         verify_contributors,
@@ -236,12 +266,12 @@ def verify_bundle(
         check_prefix(excerpt, entries)
     entry = find_entry(entries, envelope, source)
     predicate = statement.predicate
-    if entry.subject != f"{predicate.name}@{predicate.version}":
+    if entry.subject_sha256 != subject_sha256(predicate.name, predicate.version):
         raise VerificationError(
             "log_missing_entry", f"{source}: entry {entry.seq} names another version"
         )
     return Verified(
-        subject=entry.subject,
+        subject=f"{predicate.name}@{predicate.version}",
         files=len(statement.subject),
         contributor_signatures=signatures,
         log_seq=entry.seq,

@@ -267,6 +267,42 @@ def create_app(market: Market) -> FastAPI:
         ready = market.readiness()
         return {"open": ready.open, "ready_domains": ready.ready_domains, "short": ready.short}
 
+    def transparency_file(*parts: str) -> bytes:
+        """A file of the factory's transparency folder (factory.transparency_log); 404 when
+        this marketplace publishes none."""
+        folder = config.transparency_dir
+        path = None if folder is None else Path(folder).joinpath(*parts)
+        if path is None or path.is_symlink() or not path.is_file():
+            raise HTTPException(404, detail="no attestation published here")
+        return path.read_bytes()
+
+    @app.get("/transparency-log")
+    def transparency_log() -> Response:
+        """Every attestation the factory signed, hash-chained: ``taas verify BUNDLE --log``."""
+        return Response(
+            transparency_file("log.jsonl"),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": attachment("transparency-log.jsonl")},
+        )
+
+    @app.get("/transparency-log/key")
+    def factory_key() -> Response:
+        """The factory's public key (base64, raw Ed25519): ``taas verify BUNDLE --key``."""
+        return Response(transparency_file("factory-key.pub"), media_type="text/plain")
+
+    @app.get("/experts/{name}/attestation")
+    def expert_attestation(name: str, request: Request, version: str = "") -> Response:
+        """The signed statement (DSSE envelope) of a visible expert's version (the champion)."""
+        entry = entry_or_404(name, request)
+        version = version or entry.champion
+        if version not in entry.versions:
+            raise HTTPException(404, detail="no such version")
+        data = transparency_file("versions", entry.name, version, "attestation.json")
+        disposition = attachment(f"{entry.name}-{version}.attestation.json")
+        return Response(
+            data, media_type="application/json", headers={"Content-Disposition": disposition}
+        )
+
     def account_page(
         request: Request, buyer_id: str, new_key: str | None, cookie: str | None = None
     ) -> HTMLResponse:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.bundle import WEIGHT_FILES
 from factory.hashing import bytes_sha256
-from infra.atomic import MARKER
+from infra.atomic import MARKER, verify_committed
 from marketplace.catalog import Catalog, CatalogEntry
 from marketplace.demo import ExpertHandle, RoutedGenerator
 from marketplace.licensing import KeyRecord, Licensing
@@ -50,6 +50,9 @@ class MarketplaceConfig(BaseModel):
     signup_burst: int = Field(default=5, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="JSON API bodies")
     max_form_bytes: int = Field(default=16 * 1024, ge=1024, description="form posts")
+    transparency_dir: Path | None = Field(
+        default=None, description="<home>/transparency: the attestation log, key and versions"
+    )
     max_upload_bytes: int = Field(
         default=2 * 1024 * 1024, ge=1024, description="multipart sample and data uploads"
     )
@@ -160,6 +163,18 @@ class Market:
             buyer_id, entry.name, entry.champion, kind, price.per_token, fee, maintenance
         )
 
+    def _attestation(self, name: str, version: str) -> dict[str, bytes]:
+        """The version's attestation files (factory.transparency_log), so ``taas verify``
+        checks a downloaded bundle; {} for a version registered before attestations."""
+        from factory.attestation import ATTESTATION_FILES
+
+        if self.config.transparency_dir is None:
+            return {}
+        folder = Path(self.config.transparency_dir) / "versions" / name / version
+        if not verify_committed(folder):
+            return {}
+        return {n: (folder / n).read_bytes() for n in ATTESTATION_FILES}
+
     def bundle(self, entry: CatalogEntry, version: str) -> tuple[bytes, str]:
         """A reproducible tar.gz of an expert version's committed folder and its sha256.
 
@@ -183,6 +198,7 @@ class Market:
                 if bytes_sha256(data) != listing[rel]:
                     raise TornBundle(f"{entry.name}@{version}: {rel} differs from its marker")
                 contents[rel] = data
+            contents.update(self._attestation(entry.name, version))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             forget = getattr(self.catalog, "forget", None)
             if forget is not None:

@@ -108,7 +108,8 @@ def registered(tiny_base, tiny_expert_folder, tmp_path_factory):
 def verify(capsys, *args: str) -> tuple[int, str]:
     code = main(["verify", *map(str, args)])
     captured = capsys.readouterr()
-    lines = (captured.out + captured.err).strip().splitlines()
+    # The verdict is the last line of its stream (a library may log to stderr before it).
+    lines = (captured.out if code == 0 else captured.err).strip().splitlines()
     return code, lines[-1] if lines else ""
 
 
@@ -161,8 +162,7 @@ def test_changed_adapter_byte_is_refused(registered, tmp_path, capsys):
     code, line = verify(capsys, bundle)
     assert code == 1
     assert line == (
-        "taas verify: refused: file_changed: adapter_model.safetensors differs from its "
-        "attestation"
+        "taas verify: refused: file_changed: adapter_model.safetensors differs from its attestation"
     )
 
 
@@ -229,9 +229,8 @@ def test_attestation_resigned_by_another_key_is_refused(registered, tmp_path, ca
     assert code == 1 and "wrong_key" in line
     # Same key id, another signature: the signature itself fails.
     (bundle / KEY_FILE).write_text(original_key)
-    bad = envelope.model_copy(
-        update={"signatures": [envelope.signatures[0].model_copy(update={"sig": forged.signatures[0].sig})]}
-    )
+    swapped = envelope.signatures[0].model_copy(update={"sig": forged.signatures[0].sig})
+    bad = envelope.model_copy(update={"signatures": [swapped]})
     (bundle / ATTESTATION_FILE).write_text(bad.model_dump_json())
     code, line = verify(capsys, bundle)
     assert code == 1 and "bad_signature" in line
@@ -303,3 +302,53 @@ def test_tarball_and_bad_arguments(registered, tmp_path, capsys):
     assert verify(capsys, registered["bundle1"], "--key", bad_key) == (
         2, f"taas: error: {bad_key}: not an ed25519 public key (base64 raw or PEM)"
     )  # fmt: skip
+
+
+def test_marketplace_publishes_log_key_attestation_and_ships_it(registered, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from factory.transparency_log import published_key_path
+    from marketplace.app import create_app
+    from marketplace.catalog import library_catalog
+    from marketplace.licensing import Licensing
+    from marketplace.market import Market, MarketplaceConfig
+
+    settings = registered["settings"]
+    home = settings.home
+    catalog = library_catalog(settings)
+    config = MarketplaceConfig(
+        secret="s" * 32, base_model_path=home, transparency_dir=home / "transparency"
+    )
+    market = Market(config, catalog, Licensing(Ledger(settings.db_url)))
+    with TestClient(create_app(market)) as client:
+        log = client.get("/transparency-log")
+        assert log.status_code == 200 and log.content == log_path(home).read_bytes()
+        assert len(log.content.splitlines()) == 2
+        assert b"expert-legal" not in log.content  # entries name versions only by hash
+        key = client.get("/transparency-log/key")
+        assert key.text == published_key_path(home).read_text()
+        assert key.text == (registered["bundle1"] / KEY_FILE).read_text()
+        page = client.get("/experts/expert-legal").text
+        assert 'href="/experts/expert-legal/attestation"' in page
+        assert 'href="/transparency-log"' in page
+        champion = client.get("/experts/expert-legal/attestation")  # no champion: the latest
+        assert champion.content == (registered["bundle2"] / ATTESTATION_FILE).read_bytes()
+        first = client.get("/experts/expert-legal/attestation", params={"version": "1"})
+        assert first.content == (registered["bundle1"] / ATTESTATION_FILE).read_bytes()
+        missing = client.get("/experts/expert-legal/attestation", params={"version": "9"})
+        assert missing.status_code == 404
+        assert client.get("/experts/expert-nope/attestation").status_code == 404
+        (tmp_path / "published.jsonl").write_bytes(log.content)
+        (tmp_path / "factory.pub").write_text(key.text)
+    # The marketplace's weight download (weights only, no card) carries the attestation too.
+    data, _ = market.bundle(catalog.get("expert-legal"), "1")
+    archive = tmp_path / "expert-legal-1.tar.gz"
+    archive.write_bytes(data)
+    code, line = verify(
+        capsys, archive, "--log", tmp_path / "published.jsonl", "--key", tmp_path / "factory.pub"
+    )
+    assert code == 0 and line.startswith("verified expert-legal@1: 5 files") and "of 2" in line
+    bare = Market(config.model_copy(update={"transparency_dir": None}), catalog, market.licensing)
+    archive.write_bytes(bare.bundle(catalog.get("expert-legal"), "1")[0])
+    code, line = verify(capsys, archive)
+    assert code == 1 and "attestation_missing" in line
