@@ -44,7 +44,8 @@ def test_the_store_records_each_customer_once(tmp_path):
         record = store.submit(parse_spec(body), f"{seed:064x}", "d" * 64)
         assert record.customer_id == customer_id_for(customer)
     assert store.customers() == {
-        customer_id_for("Acme, Inc."): "Acme, Inc.", customer_id_for("ACME INC"): "ACME INC"
+        customer_id_for("Acme, Inc."): "Acme, Inc.",
+        customer_id_for("ACME INC"): "ACME INC",
     }
 
 
