@@ -18,7 +18,8 @@ import pytest
 
 from cli.main import main
 from factory.commission import load_spec, parse_spec
-from factory.data.sources import _snapshot_local, fetch_sources
+from factory.data.snapshot import snapshot_local
+from factory.data.sources import fetch_sources
 from factory.data.uri import UriRejected, parse_data_uri
 from infra.settings import get_settings
 
@@ -152,7 +153,7 @@ def test_a_file_swapped_for_a_link_after_validation_is_not_followed(tmp_path):
     target.unlink()
     os.symlink(tmp_path / "outside.txt", target)  # ... then swapped for a link
     with pytest.raises(ValueError, match=r"data\.0\.uri: cannot open .*a\.txt") as info:
-        _snapshot_local(target, data, str(target), "data.0.uri", home, home / "cache", 1 << 20)
+        snapshot_local(target, data, str(target), "data.0.uri", home, home / "cache", 1 << 20)
     assert SECRET not in str(info.value)
     assert not list((home / "cache").glob(".incoming-*"))
 
@@ -164,8 +165,8 @@ def test_max_bytes_holds_for_the_bytes_read_not_the_size_listed(tmp_path):
     grown.write_text(_rows(50))
     size = grown.stat().st_size
     with pytest.raises(ValueError, match=r"quality\.max_bytes: the data holds more than 100 "):
-        _snapshot_local(grown, data, str(grown), "data.0.uri", home, home / "cache", 100)
-    copy, sha, got = _snapshot_local(grown, data, str(grown), "data.0.uri", home, home / "c", size)
+        snapshot_local(grown, data, str(grown), "data.0.uri", home, home / "cache", 100)
+    copy, sha, got = snapshot_local(grown, data, str(grown), "data.0.uri", home, home / "c", size)
     assert got == size and copy.read_bytes() == grown.read_bytes() and copy.name == sha
 
 

@@ -3,7 +3,7 @@
 :func:`fetch_sources` validates every URI (:mod:`factory.data.uri`: data roots, never the factory's
 home or system paths, no special files), lists the files of a folder or S3 prefix, enforces
 ``quality.max_bytes`` on the listed sizes before anything is read and again on the bytes actually
-read, and snapshots every file into the content-addressed cache ``<home>/cache/objects/<sha256>``
+read, and snapshots every file (:mod:`factory.data.snapshot`) into ``<home>/cache/objects/<sha256>``
 (S3 objects through :mod:`infra.storage`; local files opened with ``O_NOFOLLOW``, checked to be
 the regular file that was validated, and copied while hashing), so every later step reads exactly
 the bytes whose sha256 is recorded, even if the customer's file changes or is swapped for a link.
@@ -14,16 +14,13 @@ Lines that are not UTF-8 are dropped before parsing and counted in the quality r
 
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from factory.commission import CommissionSpec, DataSource, template_fields
 from factory.data.quality import QualityReport
+from factory.data.snapshot import cached_download, over_budget, snapshot_local
 from factory.data.uri import (
     UriRejected,
     check_local_file,
@@ -31,7 +28,7 @@ from factory.data.uri import (
     parse_data_uri,
 )
 from factory.hashing import json_sha256
-from infra.atomic import atomic_write_bytes, sha256_file
+from infra.atomic import atomic_write_bytes
 from infra.settings import Settings
 from infra.storage import open_store
 
@@ -147,83 +144,6 @@ def _s3_files(index: int, source: DataSource, spec: CommissionSpec, settings: Se
     return store, parsed.bucket, found
 
 
-def _over_budget(total: int, max_bytes: int) -> ValueError:
-    return ValueError(
-        f"quality.max_bytes: the data holds more than {max_bytes} bytes (at least {total}); "
-        "use less data or raise quality.max_bytes"
-    )
-
-
-def _cached_download(
-    store, key: str, cache: Path, expected_sha: str | None, budget: int
-) -> tuple[Path, str]:
-    if expected_sha is not None:
-        cached = cache / expected_sha
-        if cached.is_file() and sha256_file(cached) == expected_sha:
-            return cached, expected_sha
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, incoming = tempfile.mkstemp(dir=cache, prefix=".incoming-")
-    os.close(fd)
-    try:
-        # Verifies size and the recorded sha256; the size is the object's at download time and
-        # over ``budget`` nothing is downloaded (an object may grow after it was listed).
-        store.get_file(key, Path(incoming), max_bytes=budget)
-        sha = sha256_file(Path(incoming))
-        os.replace(incoming, cache / sha)
-    except BaseException:
-        Path(incoming).unlink(missing_ok=True)
-        raise
-    return cache / sha, sha
-
-
-def _snapshot_local(
-    path: Path, root: Path, uri: str, field: str, home: Path, cache: Path, budget: int
-) -> tuple[Path, str, int]:
-    """Copies a validated local file into the cache while hashing it; (copy, sha256, size).
-
-    The file is opened without following a link (``O_NOFOLLOW``; ``O_NONBLOCK`` so a FIFO swapped
-    in cannot block the open) and the opened file itself is checked again: a regular file, still
-    inside its root and outside the home (``/proc/self/fd`` names what was really opened). Reading
-    stops past ``budget`` bytes, whatever size the file reported.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise ValueError(f"{field}: cannot open {uri} ({exc.strerror}); check the file") from None
-    cache.mkdir(parents=True, exist_ok=True)
-    out_fd, incoming = tempfile.mkstemp(dir=cache, prefix=".incoming-")
-    try:
-        with os.fdopen(fd, "rb") as src, os.fdopen(out_fd, "wb") as dst:
-            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-                raise UriRejected("special_file", f"{uri} -> {path}", field)
-            opened = _opened_path(src.fileno())
-            if opened is not None:
-                check_local_file(opened, root, uri, field, home)
-            digest, size = hashlib.sha256(), 0
-            while block := src.read(1 << 20):
-                size += len(block)
-                if size > budget:
-                    raise _over_budget(size, budget)
-                digest.update(block)
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        sha = digest.hexdigest()
-        os.replace(incoming, cache / sha)
-    except BaseException:
-        Path(incoming).unlink(missing_ok=True)
-        raise
-    return cache / sha, sha, size
-
-
-def _opened_path(fd: int) -> Path | None:
-    try:
-        return Path(os.readlink(f"/proc/self/fd/{fd}"))
-    except OSError:
-        return None  # no /proc (macOS): O_NOFOLLOW and the fstat check remain
-
-
 def fetch_sources(spec: CommissionSpec, settings: Settings) -> list[SourceFile]:
     """Every file of every source, snapshotted and verified, in source order then name order."""
     planned: list[tuple[int, str, object, str, int]] = []
@@ -256,16 +176,16 @@ def fetch_sources(spec: CommissionSpec, settings: Settings) -> list[SourceFile]:
         budget = spec.quality.max_bytes - read
         if isinstance(where, tuple):
             local, root = where
-            path, sha, size = _snapshot_local(
+            path, sha, size = snapshot_local(
                 local, root, uri, f"data.{index}.uri", settings.home, cache, budget
             )
         else:
             store, _ = remote[index]
-            path, sha = _cached_download(store, where.key, cache, where.sha256, budget)
+            path, sha = cached_download(store, where.key, cache, where.sha256, budget)
             size = path.stat().st_size
         read += size
         if read > spec.quality.max_bytes:
-            raise _over_budget(read, spec.quality.max_bytes)
+            raise over_budget(read, spec.quality.max_bytes)
         files.append(SourceFile(index, uri, path, sha, size, fmt))
     return files
 
