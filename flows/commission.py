@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from evaluation.benchmark import benchmark_texts
 from factory.commission import CommissionSpec, load_spec
@@ -21,6 +21,7 @@ from factory.commission_store import CommissionStore
 from flows.cycle import cycle_flow
 from infra.atomic import atomic_write_text
 from infra.settings import Settings, get_settings
+from tasks.artifacts import commission_run_name, publish_registration
 from tasks.benchmarking import benchmark
 from tasks.compose import build_expert, compose, stage_library
 from tasks.cycle import CycleInputs
@@ -38,7 +39,7 @@ class CommissionCancelled(RuntimeError):
     """``taas commission cancel`` marked the commission; the flow stops at the next step."""
 
 
-@flow(name="commission", log_prints=True)
+@flow(name="commission", flow_run_name=commission_run_name)
 def commission_flow(
     spec_path: str, settings: Settings | None = None, warm_start: str | None = None
 ) -> CommissionSummary:
@@ -54,7 +55,8 @@ def commission_flow(
     # The store, not the (possibly cached) intake result, knows the commission's state now.
     state = CommissionStore(settings.db_url).get(intake.commission_id).state
     if state == "registered" and done.exists():
-        print(f"[commission {intake.commission_id}] already registered; nothing to do")
+        get_run_logger().info("commission %s already registered; nothing to do",
+                              intake.commission_id)  # fmt: skip
         return read_summary(done)
     job = open_job(intake, spec, settings, warm_start)
     try:
@@ -68,6 +70,9 @@ def commission_flow(
         version = register_task(settings, composed.expert_dir, provenance_for(job, spec, cycles),
                                 bench, plots, job.run_id)  # fmt: skip
         registered = promote_task(settings, version, gate)
+        publish_registration(registered.name, registered.version, registered.promoted,
+                             registered.gate_reasons, registered.pol_gain_over_reference,
+                             registered.aliases, settings.tracking_uri)  # fmt: skip
     except BaseException as exc:
         fail_job(job, settings, exc)
         raise
@@ -83,10 +88,11 @@ def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[Cycle
     parent = job.parent_dir
     stalled = 0
     store = CommissionStore(settings.db_url)
+    logger = get_run_logger()
     for number in range(1, spec.budget.cycles + 1):
         if store.get(job.commission_id).state == "cancelled":
             raise CommissionCancelled(f"commission {job.commission_id} was cancelled")
-        print(f"[commission {job.commission_id}] cycle {number}/{spec.budget.cycles}")
+        logger.info("commission %s: cycle %d/%d", job.commission_id, number, spec.budget.cycles)
         inputs = CycleInputs(
             commission_id=job.commission_id,
             expert_id=job.expert_id,
@@ -107,7 +113,8 @@ def run_cycles(job: Job, spec: CommissionSpec, settings: Settings) -> list[Cycle
             parent = inputs.cycle_dir
         stalled = stalled + 1 if result.relative_gain() < EARLY_STOP_GAIN else 0
         if stalled >= 2:
-            print(f"[commission {job.commission_id}] gain under {EARLY_STOP_GAIN} twice: stop")
+            logger.info("commission %s: held-out gain under %s twice; stopping early",
+                        job.commission_id, EARLY_STOP_GAIN)  # fmt: skip
             break
     return results
 

@@ -4,9 +4,10 @@
    contributor id, seed and data shard, the Proof-of-Loss batch seed and the commit deadline
    (written to ``plan.json``); every line's key is registered in the ledger.
 2. train: every line is a DeepSpeed job (``python -m factory.train``) training from the current
-   version (or the base), concurrently up to ``Settings.max_concurrent_lines``, on
-   ``Settings.processes_per_line`` ranks (default: the spec's ``budget.processes_per_line``),
-   across nodes when ``Settings.hostfile`` names a DeepSpeed hostfile.
+   version (or the base), as slots of the Prefect global concurrency limit
+   ``taas-train-slots`` free up, on ``Settings.processes_per_line`` ranks (default: the
+   spec's ``budget.processes_per_line``), across nodes when ``Settings.hostfile`` names a
+   DeepSpeed hostfile.
 3. commit: each line writes a signed candidate; outside contributors' candidates are collected
    from the submission inbox (``<objects>/inbox/<expert_id>/cycle-<n>/``) up to the deadline.
 4. evaluate + merge: the gate, Proof-of-Loss on the seeded held-out batches, the score-weighted
@@ -21,11 +22,14 @@ again.
 
 from __future__ import annotations
 
-from prefect import flow
+import logging
+
+from prefect import flow, get_run_logger
 
 from factory.candidate import CandidateFiles
 from infra.launcher import jobs_stopped_on_interrupt
 from infra.settings import Settings
+from tasks.artifacts import cycle_run_name, ensure_train_slots, publish_cycle
 from tasks.cycle import (
     TRAIN_TIMEOUT_S,
     CycleInputs,
@@ -39,12 +43,14 @@ from tasks.scoring import alpha_search_task, merge_cycle_task, scoring_setup
 from tasks.training import LineResult, train_line
 
 
-@flow(name="cycle", log_prints=True)
+@flow(name="cycle", flow_run_name=cycle_run_name)
 def cycle_flow(inputs: CycleInputs, settings: Settings) -> CycleResult:
-    """Runs one cycle (see the module docstring) and returns its committed result."""
+    """Runs one cycle (see the module docstring) and returns its committed result; its PoL
+    table, rejections and WiSE-FT curve are published as artifacts (:mod:`tasks.artifacts`)."""
     done = read_cycle_result(inputs.cycle_dir)
     if done is not None:
-        print(f"[cycle {inputs.cycle}] already committed; reusing its result")
+        get_run_logger().info("cycle %d already committed; reusing its result", inputs.cycle)
+        publish_cycle(done)  # this run shows the cycle too (a crash may have beaten the first)
         return done
     plan = distribute(inputs, settings)
     trained = train_lines(inputs, plan, settings)
@@ -62,36 +68,46 @@ def cycle_flow(inputs: CycleInputs, settings: Settings) -> CycleResult:
             outcome.adapter, outcome.adapter_config, inputs.spec.wise_ft.alpha_grid,
             setup.domain, setup.general, inputs.spec.wise_ft.regression_budget,
         )  # fmt: skip
-    return commit_cycle(inputs, plan, trained, setup, outcome, search)
+    result = commit_cycle(inputs, plan, trained, setup, outcome, search)
+    publish_cycle(result)
+    return result
 
 
 def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> list[LineResult]:
-    """Runs every line's DeepSpeed job, at most ``max_concurrent_lines`` at a time."""
+    """Runs every line's DeepSpeed job; each holds ``nprocs`` slots of the Prefect global
+    concurrency limit :data:`tasks.artifacts.TRAIN_SLOTS` (created, when absent, with
+    ``max_concurrent_lines * nprocs`` slots), so lines start as slots free up."""
     tracking_uri = settings.tracking_uri if inputs.run_id else None
     nprocs = settings.processes_per_line or inputs.spec.budget.processes_per_line
     configs = [
         line_config(inputs, line, plan.key_paths[line.contributor_id]) for line in plan.lines
     ]
-    results: list[LineResult] = []
-    width = settings.max_concurrent_lines
-    for start in range(0, len(configs), width):
-        futures = [
-            train_line.submit(
-                config,
-                nprocs,
-                settings.launcher,
-                settings.hostfile,
-                TRAIN_TIMEOUT_S,
-                tracking_uri,
-                inputs.run_id,
-            )  # fmt: skip
-            for config in configs[start : start + width]
-        ]
-        with jobs_stopped_on_interrupt():  # a cancelled flow run takes its DeepSpeed jobs down
-            results.extend(f.result() for f in futures)
+    if settings.line_work_pool:  # each line a deployment run on the pool's machines
+        from flows.line_dispatch import dispatch_lines
+
+        return dispatch_lines(configs, nprocs, settings, plan.deadline, inputs.run_id)
+    limit = ensure_train_slots(settings.max_concurrent_lines * nprocs)
+    # A line wider than the whole limit would wait forever: it takes all slots instead.
+    slots = min(nprocs, limit)
+    futures = [
+        train_line.submit(
+            config,
+            nprocs,
+            settings.launcher,
+            settings.hostfile,
+            TRAIN_TIMEOUT_S,
+            tracking_uri,
+            inputs.run_id,
+            slots,
+        )  # fmt: skip
+        for config in configs
+    ]
+    with jobs_stopped_on_interrupt():  # a cancelled flow run takes its DeepSpeed jobs down
+        results = [f.result() for f in futures]
+    logger = get_run_logger()
     for result in results:
-        print(
-            f"[cycle {inputs.cycle}] {result.contributor_id}: {result.outcome}"
-            f" final loss {result.final_loss} ({result.reason or 'ok'})"
-        )
+        level = logging.INFO if result.outcome == "ok" else logging.WARNING
+        logger.log(level, "cycle %d line %s: %s, final loss %s (%s)", inputs.cycle,
+                   result.contributor_id, result.outcome, result.final_loss,
+                   result.reason or "ok")  # fmt: skip
     return results

@@ -15,10 +15,11 @@ champion; the commission flow registers the result as ``challenger`` and only it
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.commission import commission_flow
 from infra.settings import Settings, get_settings
@@ -41,7 +42,7 @@ def retrain_expert(name: str, plan: ExpertPlan, cycles: int, settings: Settings)
     }
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", flow_run_name="retrain experts older than {max_age_days} days")
 def retrain_flow(
     max_age_days: float = 30,
     cycles: int = 1,
@@ -71,6 +72,7 @@ def retrain_flow(
         champions = [name for name in champions if name in experts]
     now = datetime.now(UTC)
     report: dict[str, dict[str, Any]] = {}
+    logger = get_run_logger()
     for name in champions:
         entry: dict[str, Any] = {"due": None, "commission_id": None, "version": None,
                                  "promoted": False, "gate_reasons": []}  # fmt: skip
@@ -78,12 +80,13 @@ def retrain_flow(
             plan = plan_expert(name, now, timedelta(days=max_age_days), settings)
             entry["due"] = plan.reason
             if plan.reason is not None:
-                print(f"[retrain] {name}: due ({plan.reason}); commissioning from its champion")
+                logger.info("%s: due (%s); commissioning from its champion", name, plan.reason)
                 entry.update(retrain_expert(name, plan, cycles, settings))
         except Exception as exc:  # noqa: BLE001 - one expert's failure must not stop the rest
             entry["error"] = (str(exc).splitlines() or [type(exc).__name__])[0][:500]
         report[name] = entry
-        print(f"[retrain] {name}: {json.dumps(entry, sort_keys=True)}")
+        level = logging.ERROR if "error" in entry else logging.INFO
+        logger.log(level, "%s: %s", name, json.dumps(entry, sort_keys=True))
     failed = sorted(name for name, entry in report.items() if "error" in entry)
     if failed:
         raise RuntimeError(f"retrain failed for {failed}: " + "; ".join(

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -107,6 +107,7 @@ def run_training(
 
 @task(
     name="train-line",
+    task_run_name="train-line {config.expert_id} cycle {config.cycle} {config.contributor_id}",
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=_retry_only_retryable,
@@ -120,7 +121,21 @@ def train_line(
     timeout_s: float = 3600.0,
     tracking_uri: str | None = None,
     run_id: str | None = None,
+    slots: int | None = None,
 ) -> LineResult:
     """Trains one line (``nprocs`` ranks; across nodes with a DeepSpeed ``hostfile``); resumes
-    on retry from the line's newest valid checkpoint."""
-    return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)
+    on retry from the line's newest valid checkpoint.
+
+    ``slots``: the line holds that many slots of the Prefect global concurrency limit
+    :data:`tasks.artifacts.TRAIN_SLOTS` while it trains (its processes; None: no limit).
+    """
+    if slots is None:
+        return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.artifacts import TRAIN_SLOTS
+
+    get_run_logger().info("line %s waits for %d training slot(s)", config.contributor_id, slots)
+    # The lease outlives the job (renewed in the background while it trains).
+    with concurrency(TRAIN_SLOTS, occupy=slots, strict=True):
+        return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)
