@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # DS_ACCELERATOR is not forced: the CLI and the launcher set it to cpu only where CUDA is absent.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+# A fresh Prefect home on busy cores can take more than Prefect's default 20 s to come up.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM=false
 
 .PHONY: setup demo test lint lock ui-mlflow ui-prefect clean

@@ -99,6 +99,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     home = (args.home or Path(tempfile.mkdtemp(prefix="taas-stages-"))).resolve()
+    (home / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect makes only its last folder
     os.environ["TAAS_HOME"] = str(home)
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     # what the Makefile exports for `make demo`
