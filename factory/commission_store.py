@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from factory.commission import CommissionSpec
 from factory.customer import customer_id_for
+from infra.migrations import upgrade_head
 
 STATES = ("submitted", "validated", "running", "registered", "failed", "cancelled")
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -130,7 +131,7 @@ class CommissionStore:
     def __init__(self, url: str):
         connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
         self.engine: Engine = create_engine(url, connect_args=connect_args)
-        Base.metadata.create_all(self.engine)
+        upgrade_head(self.engine)  # alembic migrations (infra/migrations), not create_all
 
     def submit(
         self, spec: CommissionSpec, spec_sha256: str, dataset_sha256: str

@@ -16,6 +16,8 @@ from decimal import Decimal
 from sqlalchemy import Engine, ForeignKey, String, UniqueConstraint, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from infra.migrations import upgrade_head
+
 
 class Base(DeclarativeBase):
     pass
@@ -54,7 +56,7 @@ class Ledger:
     def __init__(self, url: str):
         connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
         self.engine: Engine = create_engine(url, connect_args=connect_args)
-        Base.metadata.create_all(self.engine)
+        upgrade_head(self.engine)  # alembic migrations (infra/migrations), not create_all
 
     def register_contributor(self, contributor_id: str, public_key_b64: str, kind: str = "line"):
         """Registers a key; re-registering the same key is a no-op, a different key is refused."""

@@ -31,7 +31,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from factory.ledger import Base, Ledger
+from factory.ledger import Ledger
 from marketplace.licence_tables import (
     ApiKey,
     Buyer,
@@ -137,7 +137,8 @@ class Licensing:
         self.commission_of = commission_of
         self.parent_of = parent_of
         self.engine = ledger.engine
-        Base.metadata.create_all(self.engine)
+        # The licensing tables come with the ledger's database: Ledger() upgrades it to the
+        # newest migration (infra/migrations), which creates them.
         for index in Licence.__table__.indexes:  # tables made before the indexes existed
             index.create(self.engine, checkfirst=True)
 

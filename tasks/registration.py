@@ -93,6 +93,7 @@ def provenance_for(
         parent_adapter_sha256=cycles[0].parent_adapter_sha256 or "",
         **_parent(job),
         customer_id=customer_id_for(spec.customer),
+        base_model_path=job.base_model_path,  # referenced (with its sha256) by the MLflow model
         evidence=evidence_for(job, cycles),
         # The licence section's prices (decimal strings); unset ones are left to the catalog.
         **prices,

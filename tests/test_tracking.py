@@ -107,3 +107,29 @@ def test_mlflow_server_proxies_artifacts_to_s3(mlflow_server, s3_endpoint, tmp_p
     port = int(mlflow_server.rsplit(":", 1)[1])
     with pytest.raises(ValueError, match="already serves"):
         start_mlflow_server("sqlite:///unused.db", str(tmp_path), port)
+
+
+def test_datasets_are_run_inputs_with_our_digests(tmp_path):
+    import hashlib
+
+    handle = tracking.configure(Settings(home=tmp_path / "home"))
+    run_id = tracking.start_run(handle, "commission-c1")
+    rows = {"train": ["first clause", "second clause", "third"], "heldout": ["held out"]}
+    refs = []
+    for part, texts in rows.items():
+        path = tmp_path / f"{part}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        refs.append(tracking.DatasetRef.of_file(path, f"c1-{part}", part, dataset_sha256="s" * 64))
+    tracking.log_datasets(handle, run_id, refs)
+    inputs = handle.client.get_run(run_id).inputs.dataset_inputs
+    got = {}
+    for item in inputs:
+        tags = {t.key: t.value for t in item.tags}
+        profile = json.loads(item.dataset.profile)
+        got[tags["mlflow.data.context"]] = (
+            item.dataset.name, item.dataset.digest, tags["sha256"], tags["dataset_sha256"],
+            profile["num_rows"],
+        )  # fmt: skip
+    for part, texts in rows.items():
+        sha = hashlib.sha256((tmp_path / f"{part}.jsonl").read_bytes()).hexdigest()
+        assert got[part] == (f"c1-{part}", sha[:36], sha, "s" * 64, len(texts))

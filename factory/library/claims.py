@@ -18,6 +18,8 @@ from sqlalchemy import String, create_engine, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from infra.migrations import upgrade_head
+
 
 class _Base(DeclarativeBase):
     pass
@@ -41,7 +43,7 @@ class ClaimTable:
         if db_url.startswith("sqlite:///"):
             Path(db_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self._engine = create_engine(db_url, connect_args=connect_args)
-        _Base.metadata.create_all(self._engine)
+        upgrade_head(self._engine)  # alembic migrations (infra/migrations), not create_all
 
     def claim(self, key: str) -> str | None:
         """Inserts the claim row; returns the owner token when this caller won, else None."""
