@@ -122,13 +122,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate with a routed mixture of experts")
-    parser.add_argument("--experts", required=True, help="comma-separated names or folders")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--experts",
+        required=True,
+        help="comma-separated: registered NAME or NAME@ALIAS/VERSION, or expert folders",
+    )
+    parser.add_argument(
+        "--prompt", required=True, help="the text to continue (or a user turn with --chat)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     parser.add_argument("--base", type=Path, default=None, help="base model folder")
-    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=2, help="experts routed per token")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
     parser.add_argument(
         "--chat", action="store_true", help="the prompt is a user turn: apply the chat template"
     )

@@ -30,8 +30,25 @@ def _library():
     return ExpertLibrary(get_settings())
 
 
+def _version_json(v) -> dict:
+    """One library version as JSON-ready data (what ``--json`` prints)."""
+    return {
+        "name": v.name,
+        "version": v.version,
+        "domain": v.domain,
+        "aliases": v.aliases,
+        "run_id": v.run_id,
+        "source": v.source,
+        "created_at": v.created_at,
+        "tags": dict(sorted(v.tags.items())),
+    }
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     entries = _library().list(domain=args.domain)
+    if args.json:
+        print(json.dumps([_version_json(v) for v in entries], indent=2))
+        return 0
     if not entries:
         print("no experts" + (f" in domain {args.domain}" if args.domain else ""))
         return 0
@@ -45,6 +62,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     v = _library().show(args.name, args.version)
+    if args.json:
+        print(json.dumps(_version_json(v), indent=2))
+        return 0
     shown = {"name": v.name, "version": v.version, "aliases": v.aliases, "run_id": v.run_id}
     shown["source"] = v.source
     shown["tags"] = dict(sorted(v.tags.items()))
@@ -54,6 +74,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     result = _library().compare(args.a, args.b)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
     left, right = result["refs"]
     print(f"| | {left} | {right} |")
     print("|---|---|---|")
@@ -74,13 +97,17 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     rows = _library().lineage(args.name)
     if not rows:
         raise ValueError(f"name: no expert '{args.name}' in the library; see `taas library list`")
-    print(f"{'version':>7} {'aliases':20} {'adapter':14} {'parent':14} {'cycles':>6} commission")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'version':>7} {'aliases':20} {'adapter':14} {'parent':14} {'cycles':>6} commission"
+          "  warm start")  # fmt: skip
     for row in rows:
         aliases = ",".join(row["aliases"]) + (" (rolled back)" if row["rolled_back"] else "")
         print(
             f"{row['version']:>7} {aliases or '-':20} {row['adapter_sha256'][:12]:14} "
             f"{row['parent_adapter_sha256'][:12] or '-':14} {row['cycles']:>6} "
-            f"{row['commission_id']}"
+            f"{row['commission_id']}  {row.get('parent') or '-'}"
         )
     return 0
 
@@ -129,38 +156,49 @@ def _cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+NAME_HELP = "the expert's registered name (see `taas library list`)"
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("library", help="the expert library (MLflow registry)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="experts, their champion (or latest) version")
-    p.add_argument("--domain", default=None)
+    p.add_argument("--domain", default=None, help="only experts of this domain (e.g. legal)")
+    _json_flag(p)
     p.set_defaults(handler=_cmd_list)
 
     p = sub.add_parser("show", help="one version with its provenance tags")
-    p.add_argument("name")
+    p.add_argument("name", help=NAME_HELP)
     p.add_argument("--version", default=None, help="version number or alias; default champion")
+    _json_flag(p)
     p.set_defaults(handler=_cmd_show)
 
     p = sub.add_parser("compare", help="benchmarks and provenance of two NAME[@VERSION|@ALIAS]")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="the first expert: NAME, NAME@VERSION or NAME@ALIAS")
+    p.add_argument("b", help="the second expert: NAME, NAME@VERSION or NAME@ALIAS")
+    _json_flag(p)
     p.set_defaults(handler=_cmd_compare)
 
     p = sub.add_parser("lineage", help="every version with its parent adapter and commission")
-    p.add_argument("name")
+    p.add_argument("name", help=NAME_HELP)
+    _json_flag(p)
     p.set_defaults(handler=_cmd_lineage)
 
     p = sub.add_parser("export", help="write a weight bundle folder")
-    p.add_argument("name")
+    p.add_argument("name", help=NAME_HELP)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--version", default=None)
-    group.add_argument("--alias", default=None)
-    p.add_argument("--dest", required=True)
+    group.add_argument("--version", default=None, help="version number; default the champion")
+    group.add_argument("--alias", default=None, help="alias, e.g. champion or challenger")
+    p.add_argument("--dest", required=True, help="a new or empty folder for the bundle")
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("rollback", help="restore the previous champion")
-    p.add_argument("name")
+    p.add_argument("name", help=NAME_HELP)
     p.set_defaults(handler=_cmd_rollback)
 
     p = sub.add_parser("match", help="rank experts by held-out loss on a sample of your text")

@@ -29,28 +29,32 @@ SAMPLE_DOMAINS = [
 ]  # fmt: skip
 
 
+MIN_DOMAINS_HELP = "domains the library needs before the marketplace opens"
+MIN_CYCLES_HELP = "training cycles an expert needs to count for its domain"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("marketplace", help="the expert marketplace")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the web app and the buyer API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--sample", type=int, default=0, help="serve N sample experts")
-    serve.add_argument("--min-domains", type=int, default=20)
-    serve.add_argument("--min-cycles", type=int, default=3)
+    serve.add_argument("--min-domains", type=int, default=20, help=MIN_DOMAINS_HELP)
+    serve.add_argument("--min-cycles", type=int, default=3, help=MIN_CYCLES_HELP)
     serve.add_argument(
         "--secure-cookies", action="store_true", help="served over HTTPS: Secure cookies, HSTS"
     )
     serve.set_defaults(handler=_serve)
     statement = sub.add_parser("statement", help="a contributor's revenue statement")
-    statement.add_argument("contributor")
+    statement.add_argument("contributor", help="the contributor id (e.g. line-0)")
     statement.add_argument("--period", default=None, help="YYYY-MM; default all time")
     statement.add_argument("--link-base", default=None, help="also print a signed page link")
     statement.set_defaults(handler=_statement)
     ready = sub.add_parser("readiness", help="whether the library meets the opening threshold")
-    ready.add_argument("--sample", type=int, default=0)
-    ready.add_argument("--min-domains", type=int, default=20)
-    ready.add_argument("--min-cycles", type=int, default=3)
+    ready.add_argument("--sample", type=int, default=0, help="count N sample experts too")
+    ready.add_argument("--min-domains", type=int, default=20, help=MIN_DOMAINS_HELP)
+    ready.add_argument("--min-cycles", type=int, default=3, help=MIN_CYCLES_HELP)
     ready.set_defaults(handler=_readiness)
     _register_price(sub)
 
@@ -68,7 +72,8 @@ def _register_price(sub: argparse._SubParsersAction) -> None:
     price = sub.add_parser("price", help="set the prices of a registered expert")
     price.add_argument("name", help="the expert's registered name")
     for flag, tag in PRICE_FLAGS.items():
-        price.add_argument(flag, dest=tag, default=None, metavar="AMOUNT")
+        price.add_argument(flag, dest=tag, default=None, metavar="AMOUNT",
+                           help=f"the {tag.replace('_', ' ')} (a decimal amount)")  # fmt: skip
     price.set_defaults(handler=_price)
 
 
