@@ -82,6 +82,27 @@ class Settings(BaseSettings):
         default=None, ge=1, description="ranks per line here; default the spec's budget"
     )
     max_concurrent_lines: int = Field(default=1, ge=1)
+    line_work_pool: str | None = Field(
+        default=None,
+        description="a Prefect work pool: each line runs as a train-line deployment run there, "
+        "inputs and outputs through the object store; unset: local subprocesses",
+    )
+    line_deployment: str = Field(
+        default="train-line/train-line", description="the line deployment as <flow>/<name>"
+    )
+    line_pool_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="slots of the pool's limit line-slots-<pool> when a cycle creates it (GPUs, "
+        "or CPU processes, of all its machines); default max_concurrent_lines * ranks per line",
+    )
+    line_heartbeat_timeout_s: float = Field(
+        default=120.0, gt=0, description="a pool line silent this long counts as lost: resubmitted"
+    )
+    line_max_attempts: int = Field(default=3, ge=1, description="submissions of one pool line")
+    line_worker_name: str | None = Field(
+        default=None, description="this machine's name in line results; default the hostname"
+    )
     parent_revenue_share: str = Field(
         default="0.2",
         pattern=r"^(0(\.\d{1,6})?|1(\.0{1,6})?)$",

@@ -48,6 +48,10 @@ class LineResult(BaseModel):
     tokens_seen: int
     config_sha256: str
     events: list[dict[str, Any]] = Field(default_factory=list, repr=False)  # launcher's log lines
+    # On a work pool (flows.line_dispatch): the worker that trained it and the step its run
+    # resumed from when another worker's checkpoint was fetched from the object store.
+    worker: str | None = None
+    resumed_from_step: int | None = None
 
 
 def run_training(

@@ -32,7 +32,7 @@ def test_prefect_yaml_parses_as_prefect_deploy_reads_it():
     from prefect.cli.deploy._models import PrefectYamlModel
 
     model = PrefectYamlModel.model_validate(SPEC)
-    assert [d.name for d in model.deployments] == ["commission", "retrain"]
+    assert [d.name for d in model.deployments] == ["commission", "retrain", "train-line"]
     assert model.prefect_version.startswith("3.9")
 
 
@@ -68,6 +68,19 @@ def test_deployment_has_concurrency_limit_work_pool_and_tags(name):
     assert deployment["concurrency_limit"] >= 1
     assert deployment["work_pool"]["name"] == "factory"
     assert "taas" in deployment["tags"]
+
+
+def test_train_line_deployment_is_what_cycles_submit_to():
+    """The deployment a cycle's dispatcher names by default exists, on the lines pool, and its
+    flow takes exactly one LineJob."""
+    from infra.settings import Settings
+
+    deployment = DEPLOYMENTS["train-line"]
+    flow = load_entrypoint(deployment)
+    assert f"{flow.name}/{deployment['name']}" == Settings.model_fields["line_deployment"].default
+    assert list(flow.parameters.properties) == ["job"]
+    assert deployment["work_pool"]["name"] == "lines"
+    assert "taas" in deployment["tags"] and "schedules" not in deployment
 
 
 def test_commission_deployment_spec_path_is_a_valid_spec():

@@ -1,0 +1,120 @@
+"""Production lines on a Prefect work pool, with the real engines on this machine.
+
+A real ``prefect server start`` on a loopback port (its own PREFECT_HOME), the ``train-line``
+deployment from prefect.yaml (``prefect deploy``), two ``prefect worker start --type process``
+workers, each in its own working folder with its own TAAS_HOME and PREFECT_HOME, and moto's S3
+server: the only thing the cycle (this process, with a third TAAS_HOME) shares with the workers.
+
+1. A cycle's four lines complete, two on each worker, their candidates back in the cycle's folder.
+2. A line's worker is killed (SIGKILL of its whole process tree) once the line has published a
+   checkpoint; the cycle notices the silent heartbeat, resubmits, and the other worker resumes
+   from the newest checkpoint in the store, losing no more steps than the checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import pytest
+
+from tests.line_cluster import (
+    BUCKET,
+    kill_tree,
+    local_pool,
+    pool_cycle,
+    run_train_step,
+    s3_creds,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Server, deployment, two workers and the S3 endpoint; every process tree killed after."""
+    with local_pool(tmp_path_factory.mktemp("pool")) as pool:
+        yield pool
+
+
+def test_four_lines_two_per_worker(cluster, tiny_base, prepared_data):
+    from factory.candidate import CandidateFiles
+    from infra.atomic import verify_committed
+
+    inputs, plan, settings = pool_cycle(cluster, tiny_base, prepared_data, "four", 4, 2)
+    results = run_train_step(cluster["api"], inputs, plan, settings)
+    assert [r.outcome for r in results] == ["ok"] * 4, [r.reason for r in results]
+    assert Counter(r.worker for r in results) == {"wA": 2, "wB": 2}
+    for line, result in zip(plan.lines, results, strict=True):
+        assert result.contributor_id == line.contributor_id
+        assert result.tokens_seen == 2 * 4 * 64  # steps x batch x seq_len, one rank
+        folder = result.candidate_path
+        assert folder == inputs.work_dir("lines") / line.contributor_id / "candidate"
+        assert verify_committed(folder)
+        manifest = json.loads(CandidateFiles(folder).manifest.read_text())
+        assert manifest["contributor_id"] == line.contributor_id
+        # the worker that ran it holds its work folder; the other never saw it
+        ran = cluster["workers"][result.worker]["home"] / "line-work"
+        assert any(p.name == line.contributor_id for p in ran.rglob(line.contributor_id))
+    # nothing of a line's own files on the cycle's side but the fetched candidates
+    assert not (settings.home / "line-work").exists()
+    assert not list(inputs.work_dir("lines").rglob("checkpoints"))
+    # the base model went up once, as one tree, however many lines used it
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=cluster["s3"], **s3_creds())
+    trees = s3.list_objects_v2(Bucket=BUCKET, Prefix="factory/trees/")["Contents"]
+    assert len(trees) == 2 + 4  # base, data's train split, four candidates
+
+
+def test_killed_worker_line_resumes_on_the_other(cluster, tiny_base, prepared_data):
+    import boto3
+
+    steps, every = 240, 60  # TrainConfig.for_line: a checkpoint every quarter of the steps
+    inputs, plan, settings = pool_cycle(cluster, tiny_base, prepared_data, "kill", 1, steps)
+    s3 = boto3.client("s3", endpoint_url=cluster["s3"], **s3_creds())
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["results"] = run_train_step(cluster["api"], inputs, plan, settings)
+        except BaseException as exc:  # reported by the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def keys(prefix: str) -> list[str]:
+        page = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"factory/lines/expert-kill/{prefix}")
+        return [o["Key"] for o in page.get("Contents", [])]
+
+    def checkpointed_by():
+        if not [k for k in keys("") if "/checkpoints/step-" in k]:
+            return None
+        (beat,) = [k for k in keys("") if "/attempts/" in k]
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=beat)["Body"].read())["worker"]
+
+    victim = wait_for("the line's first published checkpoint", checkpointed_by, 180, 0.2)
+    kill_tree(cluster["workers"][victim]["proc"])
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the cycle did not finish after the worker was killed"
+    assert "error" not in box, box.get("error")
+    (result,) = box["results"]
+    survivor = ({"wA", "wB"} - {victim}).pop()
+    assert result.outcome == "ok", result.reason
+    assert result.worker == survivor
+    resumed = result.resumed_from_step
+    assert resumed is not None and resumed % every == 0 and 0 < resumed < steps
+    resume_events = [e for e in result.events if e.get("event") == "resume"]
+    assert [e["step"] for e in resume_events] == [resumed]
+    assert result.tokens_seen == steps * 4 * 64  # the whole line, as if never interrupted
+    # the step log of the killed run: the steps it had done beyond the resumed checkpoint
+    (log,) = (cluster["workers"][victim]["home"] / "line-work" / "lines" / "expert-kill").rglob(
+        "train.log"
+    )
+    done = [json.loads(line.split(" ", 1)[1])["step"] for line in log.read_text().splitlines()
+            if line.startswith("TAAS_METRIC ")]  # fmt: skip
+    assert done and resumed <= done[-1] < steps
+    assert done[-1] - resumed <= every, (done[-1], resumed)
