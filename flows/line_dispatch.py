@@ -237,11 +237,17 @@ def dispatch_lines(
                         beat = store.get_bytes(beat_key)
                     except ObjectNotFound:
                         beat = None
+                    # Before its first beat a run is starting (a process, imports, pull
+                    # steps: minutes on a busy machine); after it, silence means it is gone.
+                    limit = (settings.line_start_timeout_s if a.beat is None
+                             else settings.line_heartbeat_timeout_s)  # fmt: skip
                     if beat != a.beat:
                         a.beat, a.beat_seen = beat, time.monotonic()
-                    elif time.monotonic() - a.beat_seen > settings.line_heartbeat_timeout_s:
-                        message = (f"no heartbeat for {settings.line_heartbeat_timeout_s:g} s: "
-                                   "its worker is gone")  # fmt: skip
+                    elif time.monotonic() - a.beat_seen > limit:
+                        message = f"no heartbeat for {limit:g} s: its worker is gone"
+                        # Should it only be slow, its line stops itself on seeing this.
+                        store.put_bytes(f"{a.job.line_id}/attempts/{a.flow_run_id}.abandoned",
+                                        message.encode())  # fmt: skip
                         client.set_flow_run_state(a.flow_run_id, Crashed(message=message),
                                                   force=True)  # fmt: skip
                         retry(a, message)

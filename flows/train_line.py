@@ -80,6 +80,7 @@ class LineOutcome(BaseModel):
     worker: str
     flow_run_id: str
     resumed_from_step: int | None
+    timings: dict[str, float]  # stage_s (inputs, checkpoint), train_s, publish_s (uploads)
 
 
 def pool_slots_name(pool: str) -> str:
@@ -116,6 +117,7 @@ class _Mirror(threading.Thread):
         self.stop = threading.Event()
         self.published = set(line_io.checkpoint_steps(store, job.line_id))
         self.seq = 0
+        self.abandoned = False
 
     def sweep(self) -> None:
         from factory import checkpoint
@@ -127,6 +129,14 @@ class _Mirror(threading.Thread):
                 line_io.prune_checkpoints(self.store, self.job.line_id, self.job.config.keep_last)
 
     def beat(self) -> None:
+        if self.store.exists(f"{self.job.line_id}/attempts/{self.run_key}.abandoned"):
+            # The cycle gave this run up (it looked dead) and resubmitted the line: two runs
+            # must not train it at once, so this one stops its job and fails.
+            from infra.launcher import stop_all_jobs
+
+            self.abandoned = True
+            stop_all_jobs()
+            return
         self.seq += 1
         body = {"worker": self.worker, "pid": os.getpid(), "seq": self.seq,
                 "checkpoints": sorted(self.published)}  # fmt: skip
@@ -187,17 +197,23 @@ def train_line_flow(job: LineJob) -> LineOutcome:
     mirror = _Mirror(store, job, work, worker, run_key)
     mirror.beat()  # before the downloads: a slow fetch must not look like a dead worker
     mirror.start()
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
     try:
         restored = _stage_inputs(store, job, work, settings.home / "line-cache")
+        timings["stage_s"] = time.perf_counter() - clock
         logger.info("line %s on %s: inputs staged, checkpoint from the store: %s",
                     job.config.contributor_id, worker, restored)  # fmt: skip
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         with concurrency(pool_slots_name(job.pool), occupy=job.nprocs, strict=True):
+            clock = time.perf_counter()
             with _working_in(work):
                 result = run_training(
                     job.config, job.nprocs, job.launcher, job.timeout_s,
                     job.tracking_uri, job.run_id, None, env,
                 )  # fmt: skip
+        timings["train_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         mirror.sweep()
     finally:
         mirror.stop.set()
@@ -205,10 +221,19 @@ def train_line_flow(job: LineJob) -> LineOutcome:
         log = work / "checkpoints" / "train.log"
         if log.is_file():
             store.put_file(f"{job.line_id}/logs/{run_key}.log", log)
+    if mirror.abandoned:
+        raise RuntimeError("the cycle abandoned this run and resubmitted its line")
     tree = None
     if result.outcome == "ok":
         tree = line_io.put_tree(store, work / "candidate")
-    outcome = LineOutcome(result=result, candidate_tree=tree, worker=worker,
-                          flow_run_id=run_key, resumed_from_step=restored)  # fmt: skip
+    timings["publish_s"] = time.perf_counter() - clock
+    outcome = LineOutcome(
+        result=result,
+        candidate_tree=tree,
+        worker=worker,
+        flow_run_id=run_key,
+        resumed_from_step=restored,
+        timings=timings,
+    )
     store.put_bytes(f"{job.line_id}/results/{run_key}.json", outcome.model_dump_json().encode())
     return outcome

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     line_heartbeat_timeout_s: float = Field(
         default=120.0, gt=0, description="a pool line silent this long counts as lost: resubmitted"
     )
+    line_start_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a pool line with no first heartbeat this long after a worker took it (its "
+        "process start, imports and pull steps) counts as lost: resubmitted",
+    )
     line_max_attempts: int = Field(default=3, ge=1, description="submissions of one pool line")
     line_worker_name: str | None = Field(
         default=None, description="this machine's name in line results; default the hostname"

@@ -56,6 +56,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+    proc.kill()  # not a group leader (moto's server): the group kill missed it
     proc.wait(timeout=10)
     psutil.wait_procs(family, timeout=10)
 
