@@ -352,3 +352,53 @@ def test_marketplace_publishes_log_key_attestation_and_ships_it(registered, tmp_
     archive.write_bytes(bare.bundle(catalog.get("expert-legal"), "1")[0])
     code, line = verify(capsys, archive)
     assert code == 1 and "attestation_missing" in line
+
+
+@pytest.mark.slow  # the whole commission flow on the tiny base (shared with test_commission_flow)
+def test_version_registered_by_the_commission_flow_verifies(tiny_commission, tmp_path, capsys):
+    """What goes in comes from the real path: provenance_for reads each cycle's PoL plan and
+    its lines' signed candidates; registration fills in their ledger keys."""
+    from tasks.cycle_commit import read_cycle_result
+
+    settings, summary = tiny_commission["settings"], tiny_commission["summary"]
+    name, version = summary["registered"]["name"], summary["registered"]["version"]
+    bundle = ExpertLibrary(settings).export(name, version, tmp_path / "bundle")
+    code, line = verify(capsys, bundle, "--log", log_path(settings.home))
+    assert code == 0, line
+    assert line.startswith(f"verified {name}@{version}: 5 files, 2 contributor signatures")
+    envelope = Envelope.model_validate_json((bundle / ATTESTATION_FILE).read_text())
+    p = Statement.model_validate(json.loads(base64.b64decode(envelope.payload))).predicate
+    assert (p.commission_id, p.cycles) == (summary["commission_id"], 1)
+    assert len(p.spec_sha256) == 64 and len(p.dataset_sha256) == 64
+    root = settings.home / "commissions" / summary["commission_id"] / "cycles"
+    recorded = read_cycle_result(root / "cycle-1")
+    (cycle,) = p.cycle_evidence
+    assert cycle.pol_seed == recorded.pol_plan.seed
+    assert cycle.batch_indices == recorded.merge.batch_indices and cycle.batch_indices
+    ledger = Ledger(settings.db_url)
+    assert {c.contributor_id for c in cycle.candidates} == {"line-0", "line-1"}
+    for candidate in cycle.candidates:
+        assert candidate.public_key == ledger.public_key(candidate.contributor_id)
+        assert candidate.manifest["commission_id"] in ("", summary["commission_id"])
+        assert candidate.manifest["adapter_sha256"] == candidate.adapter_sha256
+    assert p.pol_scores == pytest.approx(
+        {f"cycle-1/{k}": v for k, v in summary["pol"]["cycle-1"].items()}
+    )
+
+
+def test_broken_log_refuses_registration_and_leaves_no_version(tiny_expert_folder, tmp_path):
+    """The factory chains onto its own log only when that log is intact, and a version whose
+    attestation failed is removed, so a retry registers and attests it anew."""
+    settings = Settings(home=tmp_path / "home")
+    library = ExpertLibrary(settings)
+    log = log_path(settings.home)
+    log.parent.mkdir(parents=True)
+    log.write_text("not an entry\n")
+    with pytest.raises(ValueError, match=f"log_malformed: {log} line 1"):
+        library.register(tiny_expert_folder, provenance("com-1", ProvenanceEvidence()))
+    assert library.lineage("expert-legal") == []
+    log.unlink()
+    again = library.register(tiny_expert_folder, provenance("com-1", ProvenanceEvidence()))
+    assert ATTESTATION_TAG in again.tags
+    assert [row["version"] for row in library.lineage("expert-legal")] == [again.version]
+    assert len(log.read_text().splitlines()) == 1
