@@ -85,6 +85,9 @@ class LineRecord(_Record):
     final_loss: float | None
     tokens_seen: int
     config_sha256: str
+    # Set by a line run on a work pool (tasks.training.LineResult): its worker and resumed step.
+    worker: str | None = None
+    resumed_from_step: int | None = None
 
 
 class CycleResult(_Record):
