@@ -121,7 +121,12 @@ class CommissionDesk:
             loaded = load_spec(tmp / "spec.yaml")
             base = resolve_base_model(loaded.base_model, settings, log=lambda *_: None)
             with tempfile.TemporaryDirectory(prefix="taas-upload-") as scratch:
-                prepared = prepare_data(loaded, base.path, Path(scratch) / "data", settings)
+                try:
+                    prepared = prepare_data(loaded, base.path, Path(scratch) / "data", settings)
+                except ValueError as exc:  # the buyer's file name, never the server's path
+                    message = str(exc).splitlines()[0].replace(str(tmp / f"data.{suffix}"),
+                                                               filename)  # fmt: skip
+                    raise ValueError(message) from None
             budget = loaded.budget
             line_steps = budget.cycles * budget.steps_per_cycle * budget.production_lines
             staged = Staged(

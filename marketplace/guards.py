@@ -36,7 +36,7 @@ class BodyLimit:
         upload_paths: tuple[str, ...] = (),
     ):
         self.app, self.max_body, self.max_form = app, max_body_bytes, max_form_bytes
-        # File uploads (multipart posts to ``upload_paths`` only) get their own, larger limit.
+        # Forms posted to ``upload_paths`` (files, pasted samples) get their own, larger limit.
         self.max_upload, self.upload_paths = max_upload_bytes or max_form_bytes, upload_paths
 
     async def __call__(self, scope, receive, send):
@@ -45,8 +45,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         is_form = headers.get(b"content-type", b"").lower().startswith(FORM_TYPES)
         limit = self.max_form if is_form else self.max_body
-        is_upload = headers.get(b"content-type", b"").lower().startswith(FORM_TYPES[1])
-        if is_upload and scope.get("path") in self.upload_paths:
+        if is_form and scope.get("path") in self.upload_paths:  # an upload or a pasted sample
             limit = self.max_upload
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):

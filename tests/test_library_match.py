@@ -57,7 +57,9 @@ def test_read_sample_accepts_jsonl_and_text_and_refuses_the_rest():
         b"x" * 101: "sample: big.txt is 101 bytes; send at most 100 bytes",
         b"\xff\xfe bad": "sample: big.txt is not UTF-8 text; save it as UTF-8",
         b"  \n ": "sample: big.txt is empty; send some of your text",
-        b'{"text": "ok"}\n{"text": 3}\n': "sample: big.txt line 2 has no string field 'text'; add one",
+        b'{"text": "ok"}\n{"text": 3}\n': (
+            "sample: big.txt line 2 has no string field 'text'; add one"
+        ),
         b'{"text": "ok"}\n{oops\n': "sample: big.txt line 2 is not JSON; fix it",
     }
     for data, message in refusals.items():

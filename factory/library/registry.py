@@ -377,6 +377,10 @@ class ExpertLibrary:
                     "aliases": v.aliases,
                     "adapter_sha256": v.tags.get("adapter_sha256", ""),
                     "parent_adapter_sha256": v.tags.get("parent_adapter_sha256", ""),
+                    # a warm start's library parent, "name@version" ("" from the base)
+                    "parent": "@".join(
+                        (v.tags.get("parent_expert", ""), v.tags.get("parent_version", ""))
+                    ).strip("@"),
                     "cycles": v.tags.get("cycles", ""),
                     "commission_id": v.tags.get("commission_id", ""),
                     "rolled_back": v.tags.get("rolled_back") == "1",
