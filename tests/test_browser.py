@@ -54,6 +54,36 @@ def site(tiny_base, tmp_path):
     thread.join(timeout=30)
 
 
+# Every text box of the benchmark chart, as laid out by the browser, must keep clear of every
+# bar and stay inside the chart (the screenshot is test-artifacts/expert.png).
+CHART_LAYOUT_JS = """() => {
+  const svg = document.querySelector('svg.bench');
+  const box = svg.getBoundingClientRect();
+  const bars = [...svg.querySelectorAll('rect')].map(r => r.getBoundingClientRect());
+  const texts = [...svg.querySelectorAll('text')]
+    .map(t => [t.textContent, t.getBoundingClientRect()]);
+  const hit = (a, b) => a.left < b.right - 0.5 && b.left < a.right - 0.5 &&
+                        a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5;
+  const problems = [];
+  for (const [label, t] of texts) {
+    if (bars.some(b => hit(t, b))) problems.push('overlaps a bar: ' + label);
+    if (t.left < box.left - 0.5 || t.right > box.right + 0.5) problems.push('clipped: ' + label);
+  }
+  return {problems, texts: texts.length, bars: bars.length,
+          better: texts.filter(([l]) => l.includes('better')).map(([l]) => l)};
+}"""
+
+
+def check_chart_layout(page) -> None:
+    layout = page.evaluate(CHART_LAYOUT_JS)
+    assert layout["problems"] == [], layout["problems"]
+    assert layout["bars"] == 4 and layout["texts"] >= 10  # 2 titles, 4 names, 4 values
+    # The titles mark each metric's direction; the better model is starred.
+    assert any("↑ higher is better" in t for t in layout["better"])
+    assert any("↓ lower is better" in t for t in layout["better"])
+    assert any("★ better" in t for t in layout["better"])
+
+
 @pytest.mark.slow  # a real browser against a real server
 def test_browse_compare_demo_and_license(site):
     from playwright.sync_api import expect, sync_playwright
@@ -71,7 +101,9 @@ def test_browse_compare_demo_and_license(site):
         page.click("text=law-expert")
         expect(page.locator("h1")).to_have_text("law-expert")
         expect(page.locator("svg.bench rect.bar-expert")).to_have_count(2)
+        expect(page.locator("svg.bench rect.bar-base")).to_have_count(2)  # side by side
         page.screenshot(path=str(ARTIFACTS / "expert.png"), full_page=True)
+        check_chart_layout(page)
 
         page.goto(url + "/")
         page.check("input[value='law-expert']")
@@ -81,6 +113,9 @@ def test_browse_compare_demo_and_license(site):
         expect(table).to_contain_text("law-expert")
         expect(table).to_contain_text("finance-expert")
         expect(table).to_contain_text("finance_qa")
+        # each expert's delta against the base, with its direction
+        expect(table.locator(".delta").first).to_contain_text("Δ +")
+        expect(table.locator(".better").first).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
         page.goto(url + "/demo?expert=medicine-expert")

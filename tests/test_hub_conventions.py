@@ -83,13 +83,23 @@ def test_export_loads_with_auto_peft_and_card_is_the_hubs(tiny_base, tiny_expert
         ("legal_ppl", "word_perplexity"): 40.0,
         ("taas_general_cloze", "acc"): 0.55,
     }
+    # The base's scores are tagged too, so the marketplace charts base and expert side by side.
+    from marketplace.catalog import entry_from_tags
+
+    tags = library.show("expert-legal", None).tags
+    assert json.loads(tags["benchmark_base_scores"])["legal_ppl"] == {"word_perplexity": 80.0}
+    rows = entry_from_tags("expert-legal", ["1"], "1", tags).benchmarks
+    assert {(r.task, r.expert, r.base, r.higher_is_better) for r in rows} == {
+        ("legal_ppl", 40.0, 80.0, False),
+        ("taas_general_cloze", 0.55, 0.5, True),
+    }
     # The card travels inside the registered folder, too.
     registered = library.download("expert-legal", None, tmp_path / "registered")
     assert (registered / "README.md").read_text() == (bundle / "README.md").read_text()
 
 
 @pytest.mark.parametrize("licence", ["Llama 3.2 Community", "proprietary"])
-def test_card_with_a_licence_outside_the_hubs_list(tiny_base, tiny_expert_folder, tmp_path, licence):
+def test_card_with_a_non_hub_licence(tiny_base, tiny_expert_folder, tmp_path, licence):
     folder = _hub_expert(tiny_base, tiny_expert_folder, tmp_path / "e", licence=licence)
     expert = load_expert(folder)
     card = ModelCard(model_card(expert.manifest, {}, None, "usage"))
