@@ -1,8 +1,12 @@
 """The expert library: experts as MLflow registered models, one version per accepted result.
 
 One registered model per expert (named by the manifest's ``expert_id``, e.g. ``expert-legal``);
-each version's source is the run artifact folder ``expert/`` (the committed expert folder), next to
-``card/README.md`` (model card), ``benchmark/results.json`` (lm-eval) and ``plots/``. Provenance
+each version's source is the run artifact folder ``model/``, an MLflow pyfunc model
+(:mod:`factory.library.mlflow_model`: the base by reference, the adapter inside), so
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve`` answer prompts;
+the version's description is its model card. Next to it: ``expert/`` (the committed expert
+folder, which downloads read), ``card/README.md`` (model card), ``benchmark/results.json``
+(lm-eval) and ``plots/``. Provenance
 lives in version tags (:mod:`factory.library.provenance`). A new version gets alias
 ``challenger``; only the promotion gate (:mod:`factory.library.promotion`) makes one
 ``champion``, and the champion it replaces is pushed onto the model's ``champion_history`` tag so
@@ -42,6 +46,7 @@ from factory.hashing import json_sha256
 from factory.library.claims import ClaimTable
 from factory.library.promotion import GateInputs, PromotionDecision, promotion_gate
 from factory.library.provenance import (
+    PER_ATTEMPT_TAGS,
     PROVENANCE_TAGS,
     RegistrationProvenance,
     expert_scores,
@@ -171,9 +176,15 @@ class ExpertLibrary:
         return existing
 
     def _create(self, folder, expert, prov, key, benchmark, plots, run_id) -> LibraryVersion:
+        from factory.library.mlflow_model import MODEL_ARTIFACT, save_expert_model
+
         t, manifest = self._t, expert.manifest
         scores, base_scores = expert_scores(benchmark)
         tags = version_tags(manifest, prov, key, scores, t.MAX_TAG_CHARS)
+        if base_scores:  # the marketplace charts the base beside the expert
+            tags["benchmark_base_scores"] = json.dumps(base_scores, sort_keys=True)[
+                : t.MAX_TAG_CHARS
+            ]
         t.ensure_registered_model(
             self.tracking,
             manifest.expert_id,
@@ -191,9 +202,8 @@ class ExpertLibrary:
         )
         with tempfile.TemporaryDirectory(prefix="taas-register-") as staging:
             staging = Path(staging)
-            shown = {
-                k: v for k, v in tags.items() if k not in ("benchmark_scores", "idempotency_key")
-            }
+            hidden = ("benchmark_scores", "benchmark_base_scores", "idempotency_key")
+            shown = {k: v for k, v in tags.items() if k not in hidden}
             card = model_card(manifest, shown, scores, prov.licence, base_scores)
             atomic_write_text(staging / "card" / "README.md", card)
             t.log_artifacts(self.tracking, run_id, Path(folder), "expert")
@@ -205,17 +215,60 @@ class ExpertLibrary:
                 t.log_artifacts(self.tracking, run_id, staging / "benchmark", "benchmark")
             for plot in plots:
                 t.log_artifacts(self.tracking, run_id, plot, "plots")
-        t.log_params(self.tracking, run_id, {f"prov.{k}": v for k, v in tags.items()})
+            save_expert_model(
+                staging / MODEL_ARTIFACT,
+                Path(folder),
+                prov.base_model_path or self.settings.base_model_dir,
+                manifest.base_model_sha256,
+                {"expert_id": manifest.expert_id, "adapter_sha256": manifest.adapter_sha256},
+            )
+            t.log_artifacts(self.tracking, run_id, staging / MODEL_ARTIFACT, MODEL_ARTIFACT)
+        # Params are immutable in MLflow: a retried registration on the same run logs the same
+        # params again (allowed) and puts what differs per attempt into run tags.
+        stable = {k: v for k, v in tags.items() if k not in PER_ATTEMPT_TAGS}
+        t.log_params(self.tracking, run_id, {f"prov.{k}": v for k, v in stable.items()})
+        t.set_run_tags(
+            self.tracking, run_id, {f"prov.{k}": tags[k] for k in PER_ATTEMPT_TAGS if k in tags}
+        )
         t.log_metrics(
             self.tracking,
             run_id,
             {f"bench.{task}.{m}": v for task, per in scores.items() for m, v in per.items()},
         )
-        mv = t.create_version(self.tracking, manifest.expert_id, run_id, "expert", tags)
+        mv = t.create_version(
+            self.tracking, manifest.expert_id, run_id, MODEL_ARTIFACT, tags, description=card
+        )
+        try:
+            self._attest(run_id, Path(folder), manifest, prov, tags, card, str(mv.version))
+        except BaseException:
+            # Never a version without its attestation: the claim is released and a retry
+            # registers (and attests) the result anew.
+            t.delete_version(self.tracking, manifest.expert_id, str(mv.version))
+            raise
         t.set_alias(self.tracking, manifest.expert_id, CHALLENGER, str(mv.version))
         if own_run:
             t.end_run(self.tracking, run_id)
         return self._version(manifest.expert_id, str(mv.version))
+
+    def _attest(self, run_id, folder, manifest, prov, tags, card, version) -> None:
+        """Signs the version's statement, appends it to the transparency log, and stores the
+        envelope, key and log excerpt as the run's ``attestation/`` artifact."""
+        from factory.attestation import envelope_sha256
+        from factory.ledger import Ledger
+        from factory.library import attest
+
+        ledger = Ledger(self.settings.db_url)
+        statement = attest.statement_for(
+            folder, card, manifest, prov, tags, version, ledger.public_key
+        )
+        attested = attest.attest_version(self.settings.home, statement)
+        with tempfile.TemporaryDirectory(prefix="taas-attest-") as staging:
+            attest.write_attestation(Path(staging), self.settings.home, attested)
+            self._t.log_artifacts(self.tracking, run_id, Path(staging), attest.ATTESTATION_ARTIFACT)
+        digest = envelope_sha256(attested.envelope)
+        self._t.set_version_tag(
+            self.tracking, manifest.expert_id, version, attest.ATTESTATION_TAG, digest
+        )
 
     # -- promotion --
 
@@ -327,6 +380,10 @@ class ExpertLibrary:
                     "aliases": v.aliases,
                     "adapter_sha256": v.tags.get("adapter_sha256", ""),
                     "parent_adapter_sha256": v.tags.get("parent_adapter_sha256", ""),
+                    # a warm start's library parent, "name@version" ("" from the base)
+                    "parent": "@".join(
+                        (v.tags.get("parent_expert", ""), v.tags.get("parent_version", ""))
+                    ).strip("@"),
                     "cycles": v.tags.get("cycles", ""),
                     "commission_id": v.tags.get("commission_id", ""),
                     "rolled_back": v.tags.get("rolled_back") == "1",
@@ -357,6 +414,7 @@ class ExpertLibrary:
         """A weight bundle (:func:`factory.bundle.write_bundle`: only weights, router, manifest,
         model card, INTEGRATION.md, library.json) in a new or empty folder ``dest``."""
         from factory.bundle import write_bundle
+        from factory.library.attest import ATTESTATION_ARTIFACT, ATTESTATION_TAG
 
         v = self._resolve(name, ref)
         dest = Path(dest)
@@ -368,9 +426,13 @@ class ExpertLibrary:
             card = self._t.download_run_artifacts(self.tracking, v.run_id, "card", Path(scratch))
             hint = str(self.settings.base_model_dir or f"<folder of {manifest.base_model}>")
             meta = {"name": name, "version": v.version, "aliases": v.aliases, "tags": v.tags}
-            write_bundle(
-                dest, expert_dir, card / "README.md", integration_markdown(manifest, hint), meta
-            )
+            attested = None  # versions registered before attestations existed carry none
+            if ATTESTATION_TAG in v.tags:
+                attested = self._t.download_run_artifacts(
+                    self.tracking, v.run_id, ATTESTATION_ARTIFACT, Path(scratch)
+                )
+            write_bundle(dest, expert_dir, card / "README.md",
+                         integration_markdown(manifest, hint), meta, attested)  # fmt: skip
         return dest
 
     def resolve_expert_folder(self, name_or_alias: str) -> Path:
