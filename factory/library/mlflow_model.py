@@ -36,7 +36,6 @@ class ExpertPyfunc(mlflow.pyfunc.PythonModel):
     """Base (by reference, hash-checked) + the expert's LoRA adapter, answering prompts."""
 
     def load_context(self, context) -> None:
-        import torch
         from peft import PeftModel
 
         from factory.base_model import base_model_sha256, load_base
@@ -55,7 +54,6 @@ class ExpertPyfunc(mlflow.pyfunc.PythonModel):
                 f"base_model_path: {folder} has sha256 {found}, the expert was trained on "
                 f"{expected}; point base_model_path at that base"
             )
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         base, tokenizer = load_base(Path(folder))
         self.tokenizer = tokenizer
         self.model = PeftModel.from_pretrained(base, context.artifacts["expert"]).eval()
