@@ -6,6 +6,7 @@ global concurrency limit that keeps lines from overlapping beyond its slots."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -111,7 +112,7 @@ def test_ensure_train_slots_keeps_a_limit_ops_have_set():
 
 @pytest.mark.parametrize("log_prints", [True, None])
 def test_no_bytecode_disassembly_when_datasets_hashes_the_tokenizer(
-    tiny_base, tmp_path, capfd, log_prints
+    tiny_base, tmp_path, capfd, caplog, log_prints
 ):
     """datasets fingerprints the tokenizing closure with dill, whose global-name scan prints
     ``dis.dis`` into a captured stdout; Prefect's ``log_prints`` patches ``print`` and forwards
@@ -133,6 +134,7 @@ def test_no_bytecode_disassembly_when_datasets_hashes_the_tokenizer(
     def packing() -> int:
         return pack()
 
+    caplog.set_level(logging.INFO)
     assert packing() > 0
     out, err = capfd.readouterr()
-    assert ("Disassembly of" in out + err) == bool(log_prints)
+    assert ("Disassembly of" in out + err + caplog.text) == bool(log_prints)
