@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-steps", type=int, default=600)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    # A SIGTERM (a timeout, a cancelled job) unwinds like Ctrl-C, so the pool's processes die.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(REPO))
     from factory.base_model import ensure_base_model
     from tests.conftest import CACHE  # the tests' offline environment and model cache

@@ -85,6 +85,7 @@ def local_pool(
     """Yields {"api", "s3", "root", "workers": {name: {"proc", "home", "folder"}}}."""
     import boto3
 
+    root.mkdir(parents=True, exist_ok=True)
     started: list[subprocess.Popen] = []
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TAAS_"))}
     base_env.update(AWS, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true")

@@ -64,9 +64,16 @@ def test_four_lines_two_per_worker(cluster, tiny_base, prepared_data):
     # the base model went up once, as one tree, however many lines used it
     import boto3
 
+    from infra import line_io
+
     s3 = boto3.client("s3", endpoint_url=cluster["s3"], **s3_creds())
-    trees = s3.list_objects_v2(Bucket=BUCKET, Prefix="factory/trees/")["Contents"]
-    assert len(trees) == 2 + 4  # base, data's train split, four candidates
+    trees = [
+        o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="factory/trees/")["Contents"]
+    ]
+    base_tree = line_io.tree_sha256(line_io.tree_manifest(tiny_base.path))
+    assert f"factory/trees/{base_tree}.json" in trees
+    # base, the data's train split, and per line its candidate and its one checkpoint (step 1)
+    assert len(trees) == 2 + 4 + 4
 
 
 def test_killed_worker_line_resumes_on_the_other(cluster, tiny_base, prepared_data):
