@@ -20,7 +20,7 @@ COLOURS = {"base": "#a0aec0", "expert": "#2b6cb0"}
 
 
 def better_of(row: BenchmarkRow) -> str | None:
-    """"expert" or "base", whichever scores better in the metric's direction; None on a tie or
+    """ "expert" or "base", whichever scores better in the metric's direction; None on a tie or
     when the base was not recorded."""
     if row.base is None or row.base == row.expert:
         return None
@@ -66,9 +66,7 @@ def benchmark_svg(rows: list[BenchmarkRow]) -> str:
         for offset, (who, value) in enumerate((("base", row.base), ("expert", row.expert))):
             bar_y = y + TITLE_H + offset * (BAR_H + BAR_GAP)
             text_y = bar_y + BAR_H - 4
-            parts.append(
-                f'<text class="bar-name" x="0" y="{text_y}" font-size="11">{who}</text>'
-            )
+            parts.append(f'<text class="bar-name" x="0" y="{text_y}" font-size="11">{who}</text>')
             if value is None:
                 parts.append(
                     f'<text class="bar-value" x="{NAME_W}" y="{text_y}" font-size="11" '
