@@ -1,4 +1,4 @@
-""""Find an expert for my data": rank the library's visible experts and the base on a sample.
+""" "Find an expert for my data": rank the library's visible experts and the base on a sample.
 
 :class:`Matcher` takes a buyer's sample (:mod:`evaluation.match_sample`: JSONL or plain text,
 size-capped, held in memory only for the match), packs it into blocks with the marketplace's
@@ -100,9 +100,7 @@ class Matcher:
             model, tokenizer, base_sha = self._loaded()
             blocks = sample_blocks(texts, tokenizer, MATCH_SEQ_LEN)
             entries = [
-                e
-                for e in self.market.visible_entries(buyer_id)
-                if e.base_model_sha256 == base_sha
+                e for e in self.market.visible_entries(buyer_id) if e.base_model_sha256 == base_sha
             ]
             experts = []
             for entry in entries:
