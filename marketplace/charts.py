@@ -28,15 +28,6 @@ def better_of(row: BenchmarkRow) -> str | None:
     return "expert" if expert_wins else "base"
 
 
-def delta_text(row: BenchmarkRow) -> str:
-    """The expert's change against the base, signed, with its relative size: ``+0.05 (+10%)``."""
-    if row.base is None:
-        return "-"
-    delta = row.expert - row.base
-    relative = f" ({delta / abs(row.base):+.0%})" if row.base else ""
-    return f"{delta:+.4g}{relative}"
-
-
 def _title(row: BenchmarkRow) -> str:
     name = f"{row.task} · {row.metric}" if row.metric else row.task
     return f"{name}  {'↑ higher' if row.higher_is_better else '↓ lower'} is better"
