@@ -365,7 +365,7 @@ def test_version_registered_by_the_commission_flow_verifies(tiny_commission, tmp
     bundle = ExpertLibrary(settings).export(name, version, tmp_path / "bundle")
     code, line = verify(capsys, bundle, "--log", log_path(settings.home))
     assert code == 0, line
-    assert line.startswith(f"verified {name}@{version}: 5 files, 2 contributor signatures")
+    assert line.startswith(f"verified {name}@{version}: 6 files, 2 contributor signatures")
     envelope = Envelope.model_validate_json((bundle / ATTESTATION_FILE).read_text())
     p = Statement.model_validate(json.loads(base64.b64decode(envelope.payload))).predicate
     assert (p.commission_id, p.cycles) == (summary["commission_id"], 1)
