@@ -66,3 +66,44 @@ def test_rerun_registers_nothing_twice(tiny_commission):
     assert again["registered"] == first["registered"]
     versions = ExpertLibrary(tiny_commission["settings"]).lineage(first["registered"]["name"])
     assert len(versions) == 1
+
+
+def test_commission_run_nests_line_runs_logs_datasets_and_registers_a_pyfunc(
+    tiny_commission, monkeypatch
+):
+    import mlflow
+    import pandas as pd
+    from conftest import TINY_COMMISSION
+    from mlflow import MlflowClient
+
+    settings, summary = tiny_commission["settings"], tiny_commission["summary"]
+    root = settings.home / "commissions" / summary["commission_id"]
+    run_id = json.loads((root / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    run = client.get_run(run_id)
+    # Each line's curves in a run of its own under the commission run, named by cycle and line.
+    lines = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert sorted(r.info.run_name for r in lines) == ["cycle-1/line-0", "cycle-1/line-1"]
+    steps = TINY_COMMISSION["budget"]["steps_per_cycle"]
+    for line in lines:
+        assert line.info.status == "FINISHED"
+        history = client.get_metric_history(line.info.run_id, "loss")
+        assert max(m.step for m in history) == steps
+    assert "loss" not in run.data.metrics
+    # The train and held-out sets are the run's dataset inputs, digests from our sha256.
+    registered = summary["registered"]
+    version = client.get_model_version(registered["name"], registered["version"])
+    inputs = {}
+    for item in run.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in item.tags}
+        inputs[tags["mlflow.data.context"]] = (item.dataset.digest, tags)
+    assert set(inputs) == {"train", "heldout"}
+    for digest, tags in inputs.values():
+        assert digest == tags["sha256"][:36] and len(tags["sha256"]) == 64
+        assert tags["dataset_sha256"] == version.tags["dataset_sha256"]
+    # The registered version is an MLflow model that answers a prompt, its card the description.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registered['name']}@champion")
+    answer = model.predict(pd.DataFrame({"prompt": ["The licensee"]}), params={"max_new_tokens": 4})
+    assert answer["text"].map(type).tolist() == [str]
+    assert version.description.startswith("---\n")
