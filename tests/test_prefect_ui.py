@@ -58,7 +58,7 @@ def test_commission_publishes_artifacts_and_names_its_runs(tiny_commission):
 
     with get_client(sync_client=True) as client:
         flow_names = {r.name for r in client.read_flow_runs(limit=200)}
-        task_names = {r.name for r in client.read_task_runs(limit=500)}
+        task_names = {r.name for r in client.read_task_runs(limit=200)}
         limit = client.read_global_concurrency_limit_by_name(TRAIN_SLOTS)
     assert f"{commission} cycle 1" in flow_names
     assert any(n.startswith("commission legal-licences for Acme Legal") for n in flow_names)
