@@ -76,4 +76,3 @@ def ensure_line_keys(home: Path, ledger: Ledger, lines: list[LineSpec]) -> dict[
         ledger.register_contributor(line.contributor_id, public_key_b64(key), kind="line")
         paths[line.contributor_id] = path
     return paths
-

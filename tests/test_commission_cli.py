@@ -132,7 +132,4 @@ def test_intake_task_runs_under_prefect_and_caches_by_content(workspace):
         third = intake_task(spec, settings, return_state=True)
     assert first.is_completed() and not first.name == "Cached"
     assert second.name == "Cached" and second.result() == first.result()
-    assert (
-        third.name != "Cached"
-        and third.result().commission_id != first.result().commission_id
-    )
+    assert third.name != "Cached" and third.result().commission_id != first.result().commission_id

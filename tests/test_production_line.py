@@ -30,4 +30,3 @@ def test_line_keys_are_created_once_and_registered(tmp_path):
     assert ledger.public_key("line-1") == public
     again = ensure_line_keys(tmp_path, ledger, lines)  # idempotent: same key, no error
     assert public_key_b64(load_private_key(again["line-1"])) == public
-

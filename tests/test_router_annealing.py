@@ -154,4 +154,3 @@ def test_library_match_ranks_the_domain_expert_first(annealed, tiny_base):
     assert match.ranking[0][1] < match.base_loss - 0.3
     match = library_match(base, [digits, licence], annealed["second"].mixture, blocks["licence"][1])
     assert match.ranking[0][0] == "licence-expert"
-
