@@ -145,7 +145,7 @@ class _Mirror(threading.Thread):
 
     def run(self) -> None:
         last_beat = 0.0
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(0.2):  # a saved checkpoint is seen within 0.2 s
             try:
                 self.sweep()
                 if time.monotonic() - last_beat >= self.job.heartbeat_s:

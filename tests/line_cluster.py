@@ -142,7 +142,7 @@ def local_pool(
 
 
 def pool_cycle(pool: dict, base, data_dir: Path, name: str, lines: int, steps: int,
-               heartbeat_timeout_s: float = 15) -> tuple:  # fmt: skip
+               heartbeat_timeout_s: float = 15, batch_size: int = 4) -> tuple:  # fmt: skip
     """(inputs, plan, settings) of a cycle with its own TAAS_HOME whose lines go to the pool."""
     import json
     from datetime import UTC, datetime, timedelta
@@ -167,7 +167,7 @@ def pool_cycle(pool: dict, base, data_dir: Path, name: str, lines: int, steps: i
     )
     body = json.loads(json.dumps(TINY_COMMISSION))
     body["budget"].update(production_lines=lines, processes_per_line=1, steps_per_cycle=steps,
-                          zero_stage=0)  # fmt: skip
+                          zero_stage=0, batch_size=batch_size)  # fmt: skip
     inputs = CycleInputs(
         commission_id=f"c-{name}", expert_id=f"expert-{name}", cycle=1,
         spec=CommissionSpec.model_validate(body), base_model_path=base.path,

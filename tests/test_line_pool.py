@@ -80,7 +80,11 @@ def test_killed_worker_line_resumes_on_the_other(cluster, tiny_base, prepared_da
     import boto3
 
     steps, every = 240, 60  # TrainConfig.for_line: a checkpoint every quarter of the steps
-    inputs, plan, settings = pool_cycle(cluster, tiny_base, prepared_data, "kill", 1, steps)
+    # 16 blocks a step: slow enough that a checkpoint interval (60 steps) is many times the
+    # time a checkpoint takes to reach the store and this test to see it and kill the worker.
+    inputs, plan, settings = pool_cycle(
+        cluster, tiny_base, prepared_data, "kill", 1, steps, batch_size=16
+    )
     s3 = boto3.client("s3", endpoint_url=cluster["s3"], **s3_creds())
     box: dict = {}
 
@@ -116,7 +120,7 @@ def test_killed_worker_line_resumes_on_the_other(cluster, tiny_base, prepared_da
     assert resumed is not None and resumed % every == 0 and 0 < resumed < steps
     resume_events = [e for e in result.events if e.get("event") == "resume"]
     assert [e["step"] for e in resume_events] == [resumed]
-    assert result.tokens_seen == steps * 4 * 64  # the whole line, as if never interrupted
+    assert result.tokens_seen == steps * 16 * 64  # the whole line, as if never interrupted
     # the step log of the killed run: the steps it had done beyond the resumed checkpoint
     (log,) = (cluster["workers"][victim]["home"] / "line-work" / "lines" / "expert-kill").rglob(
         "train.log"
