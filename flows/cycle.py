@@ -27,9 +27,9 @@ import logging
 from prefect import flow, get_run_logger
 
 from factory.candidate import CandidateFiles
-from infra.launcher import jobs_stopped_on_interrupt
+from infra.launcher import jobs_stopped_on_interrupt, line_rendezvous
 from infra.settings import Settings
-from tasks.artifacts import cycle_run_name, ensure_train_slots, publish_cycle
+from tasks.artifacts import cycle_run_name, publish_cycle
 from tasks.cycle import (
     TRAIN_TIMEOUT_S,
     CycleInputs,
@@ -40,6 +40,7 @@ from tasks.cycle import (
 )
 from tasks.cycle_commit import CycleResult, commit_cycle, read_cycle_result
 from tasks.scoring import alpha_search_task, merge_cycle_task, scoring_setup
+from tasks.slots import TRAIN_SLOTS, ensure_limit
 from tasks.training import LineResult, train_line
 
 
@@ -75,7 +76,7 @@ def cycle_flow(inputs: CycleInputs, settings: Settings) -> CycleResult:
 
 def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> list[LineResult]:
     """Runs every line's DeepSpeed job; each holds ``nprocs`` slots of the Prefect global
-    concurrency limit :data:`tasks.artifacts.TRAIN_SLOTS` (created, when absent, with
+    concurrency limit :data:`tasks.slots.TRAIN_SLOTS` (created, when absent, with
     ``max_concurrent_lines * nprocs`` slots), so lines start as slots free up."""
     tracking_uri = settings.tracking_uri if inputs.run_id else None
     nprocs = settings.processes_per_line or inputs.spec.budget.processes_per_line
@@ -86,7 +87,7 @@ def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> lis
         from flows.line_dispatch import dispatch_lines
 
         return dispatch_lines(configs, nprocs, settings, plan.deadline, inputs.run_id)
-    limit = ensure_train_slots(settings.max_concurrent_lines * nprocs)
+    limit = ensure_limit(TRAIN_SLOTS, settings.max_concurrent_lines * nprocs)
     # A line wider than the whole limit would wait forever: it takes all slots instead.
     slots = min(nprocs, limit)
     futures = [
@@ -99,6 +100,7 @@ def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> lis
             tracking_uri,
             inputs.run_id,
             slots,
+            rendezvous=line_rendezvous(settings.rdzv_endpoint, settings.nnodes, config.sha256()),
         )  # fmt: skip
         for config in configs
     ]

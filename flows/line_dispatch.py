@@ -29,32 +29,15 @@ from flows.train_line import LineJob, LineOutcome, pool_slots_name
 from infra import line_io
 from infra.settings import Settings
 from infra.storage import ObjectNotFound, open_store
+from tasks.slots import ensure_limit
 from tasks.training import LineResult
 
 POLL_S = 1.0
 
 
 def ensure_pool_slots(pool: str, slots: int) -> int:
-    """Creates the pool's global concurrency limit with ``slots`` when absent (ops may have
-    sized it on the server already: that one is kept); returns the limit in force."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.exceptions import ObjectNotFound as PrefectNotFound
-
-    name = pool_slots_name(pool)
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_global_concurrency_limit_by_name(name).limit
-        except PrefectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=slots)
-            )
-        except ObjectAlreadyExists:  # another cycle created it meanwhile: theirs holds
-            pass
-        return client.read_global_concurrency_limit_by_name(name).limit
+    """The pool's global concurrency limit, created with ``slots`` when absent."""
+    return ensure_limit(pool_slots_name(pool), slots)
 
 
 def _relative_config(config: TrainConfig) -> TrainConfig:

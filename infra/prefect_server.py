@@ -33,6 +33,8 @@ from types import ModuleType
 from typing import Any
 
 SERVER_MODULE = "prefect.server.api.server"
+#: where a temporary server keeps concurrency leases: files that outlive it (default: memory)
+DISK_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 GRACE_S = 10
 # Runs as ``python -c WATCHDOG <parent pid> <uvicorn arguments>`` in place of ``python -m uvicorn``.
 WATCHDOG = """\
@@ -111,7 +113,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Makes every temporary Prefect server this process starts die with it (idempotent)."""
+    """Makes every temporary Prefect server this process starts die with it, keeping its
+    concurrency leases on disk under PREFECT_HOME so a dead run's slots can be reclaimed
+    (see :mod:`tasks.slots`; idempotent)."""
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", DISK_LEASES)
     if SERVER_MODULE in sys.modules:
         _patch(sys.modules[SERVER_MODULE])
         return

@@ -1,13 +1,9 @@
-"""What the Prefect UI shows of a commission: run names, artifacts and the training slots.
+"""What the Prefect UI shows of a commission: run names and artifacts.
 
 Artifacts are keyed per expert (``<expert id>-pol``, ``-rejections``, ``-wise-ft``, ``-gate``,
 ``-mlflow``), so the UI's artifact page trends each one across a commission's cycles and across
 retraining commissions of the same expert. Prefect keys allow only lowercase letters, digits and
 dashes: :func:`artifact_key` maps an expert id onto them.
-
-The training slots are a Prefect global concurrency limit (:data:`TRAIN_SLOTS`): every
-production line occupies as many slots as it has processes, so lines of all commissions and
-cycles on one Prefect server share the machines' process slots instead of fixed windows of lines.
 """
 
 from __future__ import annotations
@@ -19,9 +15,6 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.runtime import flow_run
 
 from tasks.cycle_commit import CycleResult
-
-#: the global concurrency limit every production line takes its processes' slots from
-TRAIN_SLOTS = "taas-train-slots"
 
 
 def artifact_key(expert_id: str, what: str) -> str:
@@ -157,24 +150,3 @@ def mlflow_version_url(tracking_uri: str, name: str, version: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
     return f"models:/{name}/{version}"
-
-
-def ensure_train_slots(slots: int) -> int:
-    """Creates the :data:`TRAIN_SLOTS` limit with ``slots`` when absent (ops may have set it on
-    the server already: that one is kept); returns the limit in force."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_global_concurrency_limit_by_name(TRAIN_SLOTS).limit
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=TRAIN_SLOTS, limit=slots)
-            )
-        except ObjectAlreadyExists:  # another cycle created it meanwhile: use theirs
-            pass
-        return client.read_global_concurrency_limit_by_name(TRAIN_SLOTS).limit

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.train import TrainConfig
 from infra.atomic import atomic_write_json
-from infra.launcher import launch
+from infra.launcher import Rendezvous, launch
 
 
 class RetryableTrainingFailure(RuntimeError):
@@ -63,8 +63,10 @@ def run_training(
     run_id: str | None = None,
     hostfile: Path | None = None,
     env: dict[str, str] | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> LineResult:
-    """Runs the line once; raises RetryableTrainingFailure for the retryable outcome."""
+    """Runs the line once; raises RetryableTrainingFailure for the retryable outcome. With a
+    ``rendezvous`` this is this node's launcher group of a line across nodes."""
     config_path = Path(config.checkpoint_dir) / "train_config.json"
     atomic_write_json(config_path, config.model_dump(mode="json"))
     sink = line_run = None
@@ -82,6 +84,7 @@ def run_training(
             launcher=launcher,
             hostfile=hostfile,
             env=env,
+            rendezvous=rendezvous,
             timeout_s=timeout_s,
             on_metric=sink,
             log_path=Path(config.checkpoint_dir) / "train.log",
@@ -126,20 +129,19 @@ def train_line(
     tracking_uri: str | None = None,
     run_id: str | None = None,
     slots: int | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> LineResult:
     """Trains one line (``nprocs`` ranks; across nodes with a DeepSpeed ``hostfile``); resumes
     on retry from the line's newest valid checkpoint.
 
     ``slots``: the line holds that many slots of the Prefect global concurrency limit
-    :data:`tasks.artifacts.TRAIN_SLOTS` while it trains (its processes; None: no limit).
+    :data:`tasks.slots.TRAIN_SLOTS` while it trains (its processes; None: no limit).
     """
+    args = (config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)
     if slots is None:
-        return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)
-    from prefect.concurrency.sync import concurrency
-
-    from tasks.artifacts import TRAIN_SLOTS
+        return run_training(*args, rendezvous=rendezvous)
+    from tasks.slots import TRAIN_SLOTS, held_slots
 
     get_run_logger().info("line %s waits for %d training slot(s)", config.contributor_id, slots)
-    # The lease outlives the job (renewed in the background while it trains).
-    with concurrency(TRAIN_SLOTS, occupy=slots, strict=True):
-        return run_training(config, nprocs, launcher, timeout_s, tracking_uri, run_id, hostfile)
+    with held_slots(TRAIN_SLOTS, slots):
+        return run_training(*args, rendezvous=rendezvous)

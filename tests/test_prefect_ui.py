@@ -15,7 +15,8 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from tasks.artifacts import artifact_key, ensure_train_slots, mlflow_version_url
+from tasks.artifacts import artifact_key, mlflow_version_url
+from tasks.slots import TRAIN_SLOTS, ensure_limit
 
 
 def _artifacts(key: str):
@@ -101,8 +102,8 @@ def test_train_slots_limit_holds_lines_to_its_slots():
 def test_ensure_train_slots_keeps_a_limit_ops_have_set():
     @flow
     def ensure() -> tuple[int, int]:
-        first = ensure_train_slots(3)  # created when absent (or kept from an earlier test)
-        return first, ensure_train_slots(99)
+        first = ensure_limit(TRAIN_SLOTS, 3)  # created when absent (or kept from an earlier test)
+        return first, ensure_limit(TRAIN_SLOTS, 99)
 
     first, second = ensure()
     assert second == first  # never overwritten by a later cycle's own guess

@@ -1,0 +1,105 @@
+"""Training slots: Prefect global concurrency limits that production lines hold while they train.
+
+A line occupies as many slots as it has processes, so the lines of every commission and cycle on
+one Prefect server share the machines' process slots. A slot is held under a lease the holder
+renews in the background (:data:`LEASE_S`); a holder that dies stops renewing, its lease expires
+and a Prefect server's repossessor gives the slots back.
+
+The embedded default has no such server: each command starts Prefect's temporary API, which
+runs no background services and by default keeps leases in its own memory, so a run killed
+while it held slots left them taken for good in the home's database (the next run waited
+forever). Two changes make the embedded default heal itself:
+
+- the temporary API keeps its leases on disk under ``PREFECT_HOME`` (set by
+  :func:`infra.prefect_server.install`), so they outlive the server that granted them;
+- a line that waits for slots releases every expired lease it finds there each
+  :data:`WAIT_S` seconds (:func:`reclaim_expired_leases`), through the API, as the
+  repossessor would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from infra.prefect_server import DISK_LEASES
+
+#: the global concurrency limit every local production line takes its processes' slots from
+TRAIN_SLOTS = "taas-train-slots"
+#: lease of a held slot, renewed in the background; the server's minimum is 60 s
+LEASE_S = 60.0
+#: how long a waiting line blocks before it looks for expired leases again
+WAIT_S = 20.0
+
+
+def ensure_limit(name: str, slots: int) -> int:
+    """Creates the global concurrency limit ``name`` with ``slots`` when absent (ops may have
+    sized it on the server already: that one is kept); returns the limit in force."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_global_concurrency_limit_by_name(name).limit
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=slots)
+            )
+        except ObjectAlreadyExists:  # another cycle created it meanwhile: theirs holds
+            pass
+        return client.read_global_concurrency_limit_by_name(name).limit
+
+
+def reclaim_expired_leases() -> int:
+    """Releases the slots of every expired lease of the temporary API; returns how many.
+
+    Only for the embedded default (no ``PREFECT_API_URL``): a Prefect server reclaims its own.
+    """
+    if (
+        os.environ.get("PREFECT_API_URL")
+        or os.environ.get("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE") != DISK_LEASES
+    ):
+        return 0
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
+
+    storage = ConcurrencyLeaseStorage()  # the same folder the temporary API writes
+    expired = anyio.run(storage.read_expired_lease_ids)
+    released = 0
+    with get_client(sync_client=True) as client:
+        for lease_id in expired:
+            try:
+                client.release_concurrency_slots_with_lease(lease_id)
+                released += 1
+            except ObjectNotFound:  # gone meanwhile (released by its holder or another waiter)
+                anyio.run(storage.revoke_lease, lease_id)
+    return released
+
+
+@contextmanager
+def held_slots(name: str, occupy: int) -> Iterator[None]:
+    """Holds ``occupy`` slots of ``name`` for the body; waits, reclaiming expired leases."""
+    from prefect.concurrency.sync import concurrency
+
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(
+                    concurrency(
+                        name,
+                        occupy=occupy,
+                        strict=True,
+                        timeout_seconds=WAIT_S,
+                        lease_duration=LEASE_S,
+                    )  # fmt: skip
+                )
+                break
+            except TimeoutError:  # still taken: by live holders, or by leases that expired
+                reclaim_expired_leases()
+        yield
