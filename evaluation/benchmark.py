@@ -34,6 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from infra.atomic import atomic_write_json, atomic_write_text
 
 SHIPPED_TASKS_DIR = Path(__file__).parent / "tasks"
+# The custom_dataset loader every task folder carries beside its YAMLs (see its module doc).
+LOADER_FILE = "taas_data.py"
+LOADER_FUNCTION = "taas_data.load"
 GENERAL_TASKS = ("taas_general_cloze", "taas_general_perplexity")
 LOWER_IS_BETTER = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"})
 GENERAL_PERPLEXITY_ROWS = 32
@@ -63,12 +66,19 @@ class BenchmarkConfig(BaseModel):
 
 @dataclass
 class BenchmarkResult:
-    """``table[model][task][metric]`` plus lm-eval's raw results per model (JSON-safe)."""
+    """``table[model][task][metric]`` plus, per model, lm-eval's own output (``simple_evaluate``'s
+    dict without samples, serialized as ``lm_eval --output_path`` writes it), and how the run was
+    made (``limit``, ``batch_size``, each model's ``dtypes``, the task ``include_paths``) so that
+    :mod:`evaluation.reproduce` can write the ``lm_eval`` command that gives the same numbers."""
 
     table: dict[str, dict[str, dict[str, float]]]
     raw: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
     not_applied: list[str] = field(default_factory=list)
+    limit: int | None = None
+    batch_size: int = 8
+    dtypes: dict[str, str] = field(default_factory=dict)
+    include_paths: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +86,10 @@ class BenchmarkResult:
             "raw": self.raw,
             "tasks": self.tasks,
             "not_applied": self.not_applied,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "dtypes": self.dtypes,
+            "include_paths": self.include_paths,
         }
 
     @classmethod
@@ -85,6 +99,10 @@ class BenchmarkResult:
             raw=data.get("raw", {}),
             tasks=list(data.get("tasks", [])),
             not_applied=list(data.get("not_applied", [])),
+            limit=data.get("limit"),
+            batch_size=int(data.get("batch_size", 8)),
+            dtypes=dict(data.get("dtypes", {})),
+            include_paths=list(data.get("include_paths", [])),
         )
 
     def save(self, path: Path) -> Path:
@@ -100,16 +118,46 @@ class BenchmarkResult:
 # ---- task YAMLs -------------------------------------------------------------------------------
 
 
+class _Function(str):
+    """A YAML ``!function`` reference (lm-eval imports it from the YAML's folder)."""
+
+
+class _TaskLoader(yaml.SafeLoader):
+    pass
+
+
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: _Function(node.value))
+_TaskDumper.add_representer(_Function, lambda d, v: d.represent_scalar("!function", str(v)))
+
+
+def read_task_yaml(path: Path) -> dict[str, Any]:
+    """A task YAML as a dict; ``!function`` references are kept (and written back as such)."""
+    config = yaml.load(Path(path).read_text(), Loader=_TaskLoader)  # noqa: S506 - safe subclass
+    if not isinstance(config, dict) or not isinstance(config.get("task"), str):
+        raise ValueError(f"{path}: not a lm-eval task YAML (no 'task' name)")
+    return config
+
+
 def _write_task_yaml(path: Path, config: dict[str, Any]) -> Path:
-    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(path, yaml.dump(config, Dumper=_TaskDumper, sort_keys=False))
     return path
+
+
+def copy_loader(folder: Path) -> None:
+    """Puts the ``custom_dataset`` loader beside a folder's task YAMLs."""
+    atomic_write_text(Path(folder) / LOADER_FILE, (SHIPPED_TASKS_DIR / LOADER_FILE).read_text())
 
 
 def prepare_tasks(cache_dir: Path) -> Path:
     """Materializes the shipped general tasks under ``cache_dir`` and returns that include path.
 
-    The shipped YAMLs name their data files relative to themselves; lm-eval resolves data files
-    against the working directory, so the copies carry absolute paths. ``general_text.jsonl`` is
+    The shipped YAMLs name their data files relative to themselves (their loader resolves them
+    from its own folder); the copies name them by absolute path, so a copy stays right even if
+    its loader is replaced. ``general_text.jsonl`` is
     generated from :func:`factory.corpus.general_heldout_text`: its first
     ``GENERAL_PERPLEXITY_ROWS`` paragraphs (general prose no embedded base was pretrained on).
     """
@@ -118,12 +166,13 @@ def prepare_tasks(cache_dir: Path) -> Path:
     out = Path(cache_dir) / "general_tasks"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(SHIPPED_TASKS_DIR / "general_cloze.jsonl", out / "general_cloze.jsonl")
+    copy_loader(out)
     rows = general_heldout_text()[:GENERAL_PERPLEXITY_ROWS]
     atomic_write_text(
         out / "general_text.jsonl", "".join(json.dumps({"text": row}) + "\n" for row in rows)
     )
     for shipped in sorted(SHIPPED_TASKS_DIR.glob("*.yaml")):
-        config = yaml.safe_load(shipped.read_text())
+        config = read_task_yaml(shipped)
         files = config["dataset_kwargs"]["data_files"]
         config["dataset_kwargs"]["data_files"] = {
             split: str((out / name).resolve()) for split, name in files.items()
@@ -149,7 +198,10 @@ def benchmark_texts() -> list[str]:
 def make_perplexity_task(
     heldout_jsonl: Path, name: str, out_dir: Path, text_field: str = "text"
 ) -> Path:
-    """Writes a ``loglikelihood_rolling`` task over the held-out rows; returns the YAML path."""
+    """Writes a ``loglikelihood_rolling`` task over the held-out rows; returns the YAML path.
+
+    The YAML names the rows by absolute path; :func:`evaluation.reproduce.export_tasks` copies
+    the rows beside it for a self-contained folder."""
     heldout_jsonl = Path(heldout_jsonl)
     if not _TASK_NAME.match(name):
         raise ValueError(f"name: {name!r} must be letters, digits and '_' (a lm-eval task name)")
@@ -167,6 +219,7 @@ def make_perplexity_task(
     config = {
         "task": name,
         "dataset_path": "json",
+        "custom_dataset": _Function(LOADER_FUNCTION),
         "dataset_kwargs": {"data_files": {"test": str(heldout_jsonl.resolve())}},
         "test_split": "test",
         "output_type": "loglikelihood_rolling",
@@ -178,6 +231,7 @@ def make_perplexity_task(
         ],
         "metadata": {"version": 1.0},
     }
+    copy_loader(Path(out_dir))
     return _write_task_yaml(Path(out_dir) / f"{name}.yaml", config)
 
 
@@ -196,11 +250,15 @@ def _clean_metrics(task_results: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+def _lm_eval_json(obj: Any) -> Any:
+    """JSON-safe the way ``lm_eval --output_path`` serializes its results."""
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable, ensure_ascii=False))
 
 
-def _make_lm(base_model_path: Path, spec: Any, batch_size: int):
+def _make_lm(base_model_path: Path, spec: Any, batch_size: int) -> tuple[Any, str]:
+    """The HFLM of a model spec and the dtype it computes in."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -216,18 +274,18 @@ def _make_lm(base_model_path: Path, spec: Any, batch_size: int):
         dtype = "bfloat16" if select_precision("auto") == "bf16" else "float32"
     common = {"device": device, "dtype": dtype, "batch_size": batch_size}
     if spec is None:
-        return HFLM(pretrained=str(base_model_path), **common)
+        return HFLM(pretrained=str(base_model_path), **common), dtype
     if isinstance(spec, str | Path):
         folder = Path(spec)
         if not (folder / "adapter_config.json").is_file():
             raise ValueError(f"models: {folder} is not an adapter folder (no adapter_config.json)")
-        return HFLM(pretrained=str(base_model_path), peft=str(folder), **common)
+        return HFLM(pretrained=str(base_model_path), peft=str(folder), **common), dtype
     from transformers import AutoTokenizer
 
     if not isinstance(spec, torch.nn.Module):
         raise ValueError(f"models: spec {type(spec).__name__} must be None, a folder or a model")
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
-    return HFLM(pretrained=spec, tokenizer=tokenizer, **common)
+    return HFLM(pretrained=spec, tokenizer=tokenizer, **common), dtype
 
 
 def _same_numbers(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> bool:
@@ -265,8 +323,9 @@ def run_benchmarks(
         raise ValueError(f"tasks: unknown {unknown}; add their YAML folder to include_path")
     table: dict[str, dict[str, dict[str, float]]] = {}
     raw: dict[str, dict[str, Any]] = {}
+    dtypes: dict[str, str] = {}
     for name, spec in models.items():
-        lm = _make_lm(Path(base_model_path), spec, config.batch_size)
+        lm, dtypes[name] = _make_lm(Path(base_model_path), spec, config.batch_size)
         output = simple_evaluate(
             model=lm,
             tasks=list(config.tasks),
@@ -282,14 +341,7 @@ def run_benchmarks(
         del lm
         results = output["results"]
         table[name] = {task: _clean_metrics(results[task]) for task in config.tasks}
-        raw[name] = _json_safe(
-            {
-                "results": results,
-                "versions": output.get("versions", {}),
-                "n-samples": output.get("n-samples", {}),
-                "configs": output.get("configs", {}),
-            }
-        )
+        raw[name] = _lm_eval_json({k: v for k, v in output.items() if k != "samples"})
     not_applied = []
     if base_name in table:
         not_applied = [
@@ -303,7 +355,16 @@ def run_benchmarks(
         raise AdapterNotAppliedError(
             f"models: {not_applied} scored exactly like '{base_name}': the adapter was not applied"
         )
-    return BenchmarkResult(table=table, raw=raw, tasks=list(config.tasks), not_applied=not_applied)
+    return BenchmarkResult(
+        table=table,
+        raw=raw,
+        tasks=list(config.tasks),
+        not_applied=not_applied,
+        limit=config.limit,
+        batch_size=config.batch_size,
+        dtypes=dtypes,
+        include_paths=[str(Path(p).resolve()) for p in config.include_paths],
+    )
 
 
 def comparison_table(result: BenchmarkResult) -> str:

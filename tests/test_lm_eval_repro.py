@@ -1,0 +1,100 @@
+"""The ``lm_eval`` CLI, run from another folder, reproduces a benchmark's recorded numbers from
+the folder :func:`evaluation.reproduce.write_reproduction` writes; the shipped task folder works
+from any working folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.benchmark import (
+    GENERAL_TASKS,
+    SHIPPED_TASKS_DIR,
+    make_perplexity_task,
+    prepare_tasks,
+    run_benchmarks,
+)
+from evaluation.reproduce import COMMAND_FILE, RESULTS_FILE, lm_eval_command, write_reproduction
+
+LM_EVAL = Path(sys.executable).parent / "lm_eval"
+
+
+def _metrics(results: dict) -> dict[str, dict[str, float]]:
+    return {
+        task: {
+            k.partition(",")[0]: v
+            for k, v in per.items()
+            if "," in k and "_stderr" not in k and isinstance(v, int | float)
+        }
+        for task, per in results.items()
+    }
+
+
+def test_shipped_tasks_run_from_any_folder(tiny_base, tmp_path, monkeypatch):
+    """The shipped YAMLs, used in place from an unrelated folder, score like their cached copies
+    (so the shipped general_text.jsonl is the one prepare_tasks generates)."""
+    cached = run_benchmarks(tiny_base.path, {"base": None}, list(GENERAL_TASKS),
+                            prepare_tasks(tmp_path / "cache"), limit=4)  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shipped = run_benchmarks(tiny_base.path, {"base": None}, list(GENERAL_TASKS),
+                             SHIPPED_TASKS_DIR, limit=4)  # fmt: skip
+    assert shipped.table == cached.table
+    assert shipped.table["base"]["taas_general_perplexity"]["word_perplexity"] > 1.0
+
+
+def test_lm_eval_cli_reproduces_recorded_numbers(tiny_base, tiny_expert_folder, tmp_path):
+    heldout = tmp_path / "data" / "heldout.jsonl"
+    heldout.parent.mkdir()
+    texts = [
+        "The licensee shall indemnify the licensor against every claim arising from use.",
+        "Redistribution in source form must retain the above copyright notice.",
+        "The licensor may terminate this agreement upon written notice to the licensee.",
+    ]
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    own = make_perplexity_task(heldout, "heldout_legal", tmp_path / "bench" / "tasks")
+    tasks = ["heldout_legal", *GENERAL_TASKS]
+    result = run_benchmarks(tiny_base.path, {"base": None, "expert": tiny_expert_folder}, tasks,
+                            [prepare_tasks(tmp_path / "cache"), own.parent], limit=5,
+                            batch_size=4)  # fmt: skip
+    repro = write_reproduction(result, "expert", tmp_path / "repro", str(tiny_base.path),
+                               str(tiny_expert_folder))  # fmt: skip
+    script = (repro / COMMAND_FILE).read_text()
+    assert "--tasks heldout_legal,taas_general_cloze,taas_general_perplexity" in script
+    assert "--include_path tasks --batch_size 4 --limit 5" in script
+    saved = json.loads((repro / RESULTS_FILE).read_text())
+    assert _metrics(saved["results"]) == result.table["expert"]
+    # The data travelled with the tasks: nothing in the folder points back at the factory.
+    assert sorted(p.name for p in (repro / "tasks").iterdir()) == sorted(
+        [f"{t}.yaml" for t in tasks] + [f"{t}.test.jsonl" for t in tasks] + ["taas_data.py"]
+    )
+    assert str(tmp_path / "cache") not in "".join(
+        p.read_text() for p in (repro / "tasks").glob("*.yaml")
+    )
+
+    # The CLI, from an unrelated folder, on the exported task folder.
+    other = tmp_path / "other"
+    other.mkdir()
+    argv = lm_eval_command(result, "expert", str(tiny_base.path), str(tiny_expert_folder),
+                           str(repro / "tasks"))  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [str(LM_EVAL), *argv[1:], "--output_path", str(other / "out")]
+    done = subprocess.run(command, cwd=other, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted((other / "out").rglob("results_*.json"))
+    assert len(written) == 1
+    cli = _metrics(json.loads(written[0].read_text())["results"])
+    assert set(cli) == set(tasks)
+    for task, metrics in result.table["expert"].items():
+        for metric, value in metrics.items():
+            assert cli[task][metric] == pytest.approx(value, abs=1e-4, rel=0), (task, metric)
+    # The expert differs from the base on its held-out text, so the adapter was applied.
+    assert cli["heldout_legal"]["word_perplexity"] != pytest.approx(
+        result.table["base"]["heldout_legal"]["word_perplexity"], rel=1e-3
+    )
