@@ -90,13 +90,14 @@ def write_reproduction(
     base: str,
     adapter: str | None,
     tasks: list[str] | None = None,
+    include_paths: list[Path | str] | None = None,
 ) -> Path:
-    """``dest/tasks/`` (:func:`export_tasks`), ``dest/lm_eval_command.sh`` (run from ``dest``,
-    ``base`` and ``adapter`` as given) and ``dest/results.json`` (``model``'s lm-eval output,
-    restricted to ``tasks``)."""
+    """``dest/tasks/`` (:func:`export_tasks` from ``include_paths``, else the run's own),
+    ``dest/lm_eval_command.sh`` (run from ``dest``; ``base`` and ``adapter`` as given) and
+    ``dest/results.json`` (``model``'s lm-eval output, restricted to ``tasks``)."""
     dest = Path(dest)
     tasks = list(tasks or result.tasks)
-    export_tasks(result.include_paths, tasks, dest / TASKS_DIR)
+    export_tasks(include_paths or result.include_paths, tasks, dest / TASKS_DIR)
     argv = lm_eval_command(result, model, base, adapter, TASKS_DIR, tasks)
     script = (
         "#!/bin/sh\n# Reproduces the registered lm-eval numbers (results.json); run it from "

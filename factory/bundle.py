@@ -29,6 +29,15 @@ WEIGHT_FILES = (ADAPTER_CONFIG, ADAPTER_FILE, ROUTER_FILE, MANIFEST_FILE, NULL_R
 BUNDLE_FILES = frozenset(
     {*WEIGHT_FILES, CARD_FILE, INTEGRATION_FILE, LIBRARY_FILE, MARKER, *ATTESTATION_FILES}
 )
+# The lm-eval reproduction of the general tasks (evaluation.reproduce): the command, its results
+# and the general task folder. Never the commission's held-out task: that is customer text, kept
+# with the registered version inside the factory.
+LM_EVAL_DIR = "lm_eval"
+LM_EVAL_FILES = frozenset(
+    {"lm_eval_command.sh", "results.json", "tasks/taas_data.py"}
+    | {f"tasks/{t}{ext}" for t in ("taas_general_cloze", "taas_general_perplexity")
+       for ext in (".yaml", ".test.jsonl")}
+)  # fmt: skip
 
 
 class TornExpert(ValueError):
@@ -67,10 +76,12 @@ def write_bundle(
     integration: str,
     library_meta: dict,
     attestation: Path | None = None,
+    lm_eval_dir: Path | None = None,
 ) -> Path:
     """Writes a weight bundle as a new committed folder ``dest``: :func:`bundle_members` of
-    ``expert_dir``, the model card, INTEGRATION.md, library.json and, from the folder
-    ``attestation``, the version's attestation files (``taas verify`` checks them).
+    ``expert_dir``, the model card, INTEGRATION.md, library.json, from the folder
+    ``attestation`` the version's attestation files (``taas verify`` checks them) and, from
+    ``lm_eval_dir``, the files of :data:`LM_EVAL_FILES` it has (under ``lm_eval/``).
 
     ``dest`` must not exist or be an empty folder: the user's files are never replaced or deleted
     (an empty folder is removed first, so a file appearing meanwhile makes the commit fail).
@@ -92,4 +103,9 @@ def write_bundle(
             if source.is_symlink() or not source.is_file():
                 raise ValueError(f"attestation: {source} is missing; the version is not attested")
             shutil.copyfile(source, tmp / name)
+        for rel in sorted(LM_EVAL_FILES) if lm_eval_dir is not None else ():
+            source = Path(lm_eval_dir) / rel
+            if source.is_file() and not source.is_symlink():
+                (tmp / LM_EVAL_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, tmp / LM_EVAL_DIR / rel)
     return dest

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 from evaluation.benchmark import (
     GENERAL_TASKS,
@@ -18,6 +17,7 @@ from evaluation.benchmark import (
     comparison_table,
     make_perplexity_task,
     prepare_tasks,
+    read_task_yaml,
     run_benchmarks,
 )
 
@@ -33,7 +33,7 @@ def test_shipped_tasks_are_valid(tmp_path):
     assert max(sum(row["label"] == k for row in cloze) for k in range(4)) == 10
     include = prepare_tasks(tmp_path)
     for path in include.glob("*.yaml"):
-        config = yaml.safe_load(path.read_text())
+        config = read_task_yaml(path)  # keeps the loader's !function tag
         for data in config["dataset_kwargs"]["data_files"].values():
             assert Path(data).is_absolute() and Path(data).is_file()
     manager = TaskManager(include_path=[str(include)], include_defaults=False)

@@ -98,3 +98,25 @@ def test_lm_eval_cli_reproduces_recorded_numbers(tiny_base, tiny_expert_folder, 
     assert cli["heldout_legal"]["word_perplexity"] != pytest.approx(
         result.table["base"]["heldout_legal"]["word_perplexity"], rel=1e-3
     )
+
+
+def test_bundle_carries_general_reproduction_never_heldout(tiny_expert_folder, tmp_path):
+    """The bundle takes the general tasks' command, results and task files from a reproduction
+    folder; the commission's held-out task (customer text) stays out."""
+    from factory.bundle import LM_EVAL_DIR, LM_EVAL_FILES, write_bundle
+
+    source = tmp_path / "repro"
+    (source / "tasks").mkdir(parents=True)
+    for rel in LM_EVAL_FILES:
+        (source / rel).write_text(f"{rel}\n")
+    (source / "tasks" / "heldout_legal.yaml").write_text("task: heldout_legal\n")
+    (source / "tasks" / "heldout_legal.test.jsonl").write_text('{"text": "customer row"}\n')
+    card = tmp_path / "README.md"
+    card.write_text("# card\n")
+    bundle = write_bundle(tmp_path / "bundle", tiny_expert_folder, card, "# use\n", {},
+                          lm_eval_dir=source)  # fmt: skip
+    shipped = {str(p.relative_to(bundle / LM_EVAL_DIR)) for p in (bundle / LM_EVAL_DIR).rglob("*")
+               if p.is_file()}  # fmt: skip
+    assert shipped == set(LM_EVAL_FILES)
+    assert "customer row" not in "".join(p.read_text() for p in (bundle / LM_EVAL_DIR).rglob("*")
+                                         if p.is_file())  # fmt: skip

@@ -212,6 +212,8 @@ class ExpertLibrary:
             t.log_artifacts(self.tracking, run_id, staging / "card", "expert")
             if benchmark is not None:
                 benchmark.save(staging / "benchmark" / "results.json")
+                _reproduction(benchmark, staging / "benchmark", prov.base_model_path
+                              or self.settings.base_model_dir)  # fmt: skip
                 t.log_artifacts(self.tracking, run_id, staging / "benchmark", "benchmark")
             for plot in plots:
                 t.log_artifacts(self.tracking, run_id, plot, "plots")
@@ -431,8 +433,11 @@ class ExpertLibrary:
                 attested = self._t.download_run_artifacts(
                     self.tracking, v.run_id, ATTESTATION_ARTIFACT, Path(scratch)
                 )
+            lm_eval_dir = _general_reproduction(self._t, self.tracking, v.run_id, Path(scratch),
+                                                hint)  # fmt: skip
             write_bundle(dest, expert_dir, card / "README.md",
-                         integration_markdown(manifest, hint), meta, attested)  # fmt: skip
+                         integration_markdown(manifest, hint), meta, attested,
+                         lm_eval_dir)  # fmt: skip
         return dest
 
     def resolve_expert_folder(self, name_or_alias: str) -> Path:
@@ -447,6 +452,42 @@ class ExpertLibrary:
         except (ValueError, OSError):
             pass  # not cached yet, or torn: download it again below
         return self.download(name, v.version, folder, overwrite=True)
+
+
+def _reproduction(benchmark: BenchmarkResult, folder: Path, base: Path | None) -> None:
+    """``benchmark/lm_eval/``: the expert's tasks (its held-out task included: this stays in the
+    registry), the ``lm_eval`` command, run from there against ``../../expert``, and its
+    lm-eval results. Skipped for results saved before runs recorded their task folders."""
+    from evaluation.reproduce import write_reproduction
+
+    model = (
+        "expert"
+        if "expert" in benchmark.table
+        else next((n for n in benchmark.table if n != "base"), None)
+    )
+    if model is None or not benchmark.include_paths:
+        return
+    write_reproduction(benchmark, model, folder / "lm_eval", str(base or "<base model folder>"),
+                       "../../expert")  # fmt: skip
+
+
+def _general_reproduction(t, tracking, run_id: str, scratch: Path, base: str) -> Path | None:
+    """For a bundle: the general tasks' reproduction (never the held-out task), run from the
+    bundle's ``lm_eval/`` against ``..``; None for a version registered without one."""
+    from evaluation.benchmark import GENERAL_TASKS
+    from evaluation.reproduce import TASKS_DIR, write_reproduction
+
+    try:
+        got = t.download_run_artifacts(tracking, run_id, "benchmark", scratch / "benchmark")
+    except Exception:  # noqa: BLE001 - a version registered without a benchmark has none
+        return None
+    result = BenchmarkResult.load(got / "results.json")
+    tasks = [task for task in result.tasks if task in GENERAL_TASKS]
+    model = "expert" if "expert" in result.table else None
+    if not tasks or model is None or not (got / "lm_eval" / TASKS_DIR).is_dir():
+        return None
+    return write_reproduction(result, model, scratch / "lm_eval-general", base, "..", tasks,
+                              [got / "lm_eval" / TASKS_DIR])  # fmt: skip
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
