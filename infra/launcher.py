@@ -22,6 +22,12 @@ The launcher host must reach the nodes by passwordless ssh (pdsh), every node ne
 virtual environment and repository path, and the line's data, base model and checkpoint folders
 must be on a shared file system (each rank writes its optimizer shard into the checkpoint). The
 hostfile is validated first: host names only (no shell metacharacters), ``slots`` a positive int.
+
+Or, with torchrun and no ssh: pass a :class:`Rendezvous` (``Settings.rdzv_endpoint`` and
+``nnodes``). Each node runs one launcher group, ``torchrun --nnodes N --rdzv-backend c10d
+--rdzv-endpoint host:port --rdzv-id ID``; the groups meet at the endpoint (a port on one of the
+nodes, the first to arrive hosts the store) and torchrun numbers the ranks across them. Every
+node runs the same command with the same id; the worker code is the same as on one node.
 """
 
 from __future__ import annotations
@@ -54,6 +60,31 @@ _FINAL_CODES = {
 }
 FINAL_REASONS = tuple(_FINAL_CODES.values())
 _HOST_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s+slots=([1-9][0-9]*)$")
+_ENDPOINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*:[1-9][0-9]{0,4}$")
+_RDZV_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """torchrun's c10d rendezvous for a line across ``nnodes`` launcher groups (one per node)."""
+
+    endpoint: str  # host:port every node reaches
+    nnodes: int
+    run_id: str  # the same on every node of the line; distinct between lines
+
+    def __post_init__(self) -> None:
+        if not _ENDPOINT.match(self.endpoint):
+            raise ValueError(f"rdzv_endpoint: {self.endpoint!r}: expected host:port")
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes: {self.nnodes}: must be >= 1")
+        if not _RDZV_ID.match(self.run_id):
+            raise ValueError(f"rdzv id: {self.run_id!r}: letters, digits, '.', '_', '-' only")
+
+    def args(self) -> list[str]:
+        return [
+            "--nnodes", str(self.nnodes), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,
+        ]  # fmt: skip
 
 
 @dataclass
@@ -64,6 +95,14 @@ class LaunchResult:
     metrics: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     report: dict = field(default_factory=dict)  # the worker's TAAS_OUTCOME line
+
+
+def line_rendezvous(endpoint: str | None, nnodes: int, line_key: str) -> Rendezvous | None:
+    """The rendezvous of a line across nodes (None without an endpoint). Its id comes from the
+    line's config hash, so every node that runs the same config joins the same rendezvous."""
+    if endpoint is None:
+        return None
+    return Rendezvous(endpoint=endpoint, nnodes=nnodes, run_id=f"line-{line_key[:16]}")
 
 
 def validate_hostfile(path: Path) -> dict[str, int]:
@@ -101,14 +140,24 @@ def build_command(
     nprocs: int,
     launcher: str,
     hostfile: Path | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> list[str]:
-    """The launcher command line for ``python -m <worker_module> <worker_args>``."""
+    """The launcher command line for ``python -m <worker_module> <worker_args>``; with a
+    ``rendezvous``, this node's group of a line across nodes (``nprocs`` ranks per node)."""
     if nprocs < 1:
         raise ValueError("nprocs must be >= 1")
     port = str(free_port())
+    if rendezvous is not None and launcher != "torchrun":
+        raise ValueError("rdzv_endpoint: only torchrun takes one (deepspeed: use a hostfile)")
     if launcher == "torchrun":
         if hostfile is not None:
             raise ValueError("hostfile: only the deepspeed launcher takes one; set launcher")
+        if rendezvous is not None:
+            return [
+                sys.executable, "-m", "torch.distributed.run", *rendezvous.args(),
+                "--nproc-per-node", str(nprocs), "--max-restarts", "0",
+                "-m", worker_module, *worker_args,
+            ]  # fmt: skip
         return [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc-per-node", str(nprocs), "--master-addr", "127.0.0.1",
@@ -235,9 +284,11 @@ def launch(
     cancel: threading.Event | None = None,
     on_start: Callable[[Job], None] | None = None,
     grace_s: float = 5.0,
+    rendezvous: Rendezvous | None = None,
 ) -> LaunchResult:
-    """Runs ``python -m worker_module worker_args`` on ``nprocs`` ranks and waits for it."""
-    command = build_command(worker_module, worker_args, nprocs, launcher, hostfile)
+    """Runs ``python -m worker_module worker_args`` on ``nprocs`` ranks and waits for it (with a
+    ``rendezvous``: this node's ``nprocs`` ranks of a job across nodes)."""
+    command = build_command(worker_module, worker_args, nprocs, launcher, hostfile, rendezvous)
     job = Job(command, env, log_path)
     with _LIVE_LOCK:
         _LIVE.add(job)

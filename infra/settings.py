@@ -78,6 +78,17 @@ class Settings(BaseSettings):
     hostfile: Path | None = Field(
         default=None, description="DeepSpeed hostfile ('host slots=N' lines): lines span nodes"
     )
+    rdzv_endpoint: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*:[1-9][0-9]{0,4}$",
+        description="torchrun c10d rendezvous host:port: each line spans nnodes launcher groups, "
+        "one per node, each node running the same line command (see infra.launcher)",
+    )
+    nnodes: int = Field(
+        default=1,
+        ge=1,
+        description="nodes per line with rdzv_endpoint; ranks per node: processes_per_line",
+    )
     processes_per_line: int | None = Field(
         default=None, ge=1, description="ranks per line here; default the spec's budget"
     )
@@ -139,6 +150,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"hostfile: {self.hostfile} is only read by the deepspeed launcher; set "
                 "launcher to 'deepspeed' (TAAS_LAUNCHER=deepspeed) or unset the hostfile"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rendezvous_needs_torchrun(self) -> Settings:
+        if self.rdzv_endpoint is not None and self.launcher != "torchrun":
+            raise ValueError(
+                f"rdzv_endpoint: {self.rdzv_endpoint} is torchrun's rendezvous; with the "
+                "deepspeed launcher lines span nodes by hostfile: unset one of them"
+            )
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"nnodes: {self.nnodes} nodes need a rendezvous; set rdzv_endpoint "
+                "(TAAS_RDZV_ENDPOINT=host:port)"
             )
         return self
 
