@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -289,6 +290,10 @@ def launch(
     """Runs ``python -m worker_module worker_args`` on ``nprocs`` ranks and waits for it (with a
     ``rendezvous``: this node's ``nprocs`` ranks of a job across nodes)."""
     command = build_command(worker_module, worker_args, nprocs, launcher, hostfile, rendezvous)
+    if log_path is not None and rendezvous is not None:
+        # The other nodes of the line start this same command: the log says what it is.
+        with open(log_path, "a") as log:
+            log.write(f"TAAS_COMMAND {shlex.join(command)}\n")
     job = Job(command, env, log_path)
     with _LIVE_LOCK:
         _LIVE.add(job)

@@ -117,6 +117,10 @@ def test_line_across_two_nodes_matches_one_node(tmp_path, tiny_base, prepared_da
         thread.join(TIMEOUT_S + 60)
     assert not any(t.is_alive() for t in threads), "a node's launcher outlived its timeout"
     logs = {n: (multi_root / f"node-{n}.log").read_text()[-2000:] for n in (0, 1)}
+    first = (multi_root / "node-1.log").read_text().splitlines()[0]
+    # What another node runs to join: the same command, rendezvous and config.
+    assert first.startswith("TAAS_COMMAND ") and f"--rdzv-endpoint {rdzv.endpoint}" in first
+    assert "--rdzv-id line-multinode" in first and first.endswith(f"--config {multi}")
     assert all(results[n].returncode == 0 for n in (0, 1)), (results, logs)
     # Rank 0 (on whichever node the rendezvous numbered first) reports the candidate.
     reports = [r.report for r in results.values() if r.report]
