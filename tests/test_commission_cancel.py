@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from prefect import flow
 
 from factory.commission import parse_spec, spec_sha256
 from factory.commission_store import CommissionStore
@@ -29,7 +30,12 @@ def test_cancelled_commission_trains_no_cycle(tmp_path):
         data_dir=root / "data", general_dir=root / "general", parent_dir=None, run_id="r",
         tracking_uri=settings.tracking_uri,
     )  # fmt: skip
-    with pytest.raises(CommissionCancelled, match=record.commission_id):
+
+    @flow
+    def commission_cycles() -> None:  # run_cycles is a step of the commission flow
         run_cycles(job, spec, settings)
+
+    with pytest.raises(CommissionCancelled, match=record.commission_id):
+        commission_cycles()
     assert not (root / "cycles").exists()
     assert store.get(record.commission_id).state == "cancelled"
