@@ -17,8 +17,8 @@ from infra.migrations.__main__ import factory_metadata
 
 TABLES = {
     "api_keys", "buyer_sessions", "buyers", "charges", "commissions", "contributors",
-    "customers", "downloads", "expert_grant_locks", "library_registration_claims", "licences",
-    "reward_shares", "usage_records",
+    "customers", "demand_words", "downloads", "expert_grant_locks",
+    "library_registration_claims", "licences", "reward_shares", "usage_records",
 }  # fmt: skip
 
 
@@ -41,14 +41,14 @@ def test_empty_database_upgraded_to_head_matches_the_models(empty_url):
     engine = create_engine(empty_url)
     assert current_revision(engine) is None and inspect(engine).get_table_names() == []
     upgrade_head(engine)
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     assert set(inspect(engine).get_table_names()) == TABLES | {VERSION_TABLE}
     assert differences(engine) == []
     # The partial unique indexes (one active exclusive licence per expert) are migrated too.
     indexes = {i["name"]: i for i in inspect(engine).get_indexes("licences")}
     assert indexes["uq_licence_exclusive"]["unique"]
     upgrade_head(engine)  # at head: nothing to do
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     engine.dispose()
 
 
@@ -85,10 +85,10 @@ def test_stores_open_through_the_migrations_once_under_concurrency(postgres_url)
         thread.join(timeout=60)
     assert errors == []
     engine = create_engine(postgres_url)
-    assert current_revision(engine) == "0001" and differences(engine) == []
+    assert current_revision(engine) == "0002" and differences(engine) == []
     with engine.connect() as connection:
         rows = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").all()
-    assert rows == [("0001",)]
+    assert rows == [("0002",)]
     engine.dispose()
 
 
@@ -102,7 +102,7 @@ def test_a_create_all_database_is_adopted(tmp_path):
             "'2026-01-01 00:00:00')"
         )
     upgrade_head(engine)
-    assert current_revision(engine) == "0001" and differences(engine) == []
+    assert current_revision(engine) == "0002" and differences(engine) == []
     with engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT name FROM customers").all() == [("Acme",)]
     engine.dispose()

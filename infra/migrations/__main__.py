@@ -16,6 +16,7 @@ from infra.migrations import alembic_config, upgrade_head
 def factory_metadata() -> list:
     """The models' metadata of every factory table (the tooling's view of the models; the
     stores themselves only run the scripts)."""
+    import marketplace.demand  # noqa: F401 - declares the demand board's table on the ledger
     import marketplace.licence_tables  # noqa: F401 - declares the licensing tables on the ledger
     from factory.commission_store import Base as CommissionBase
     from factory.ledger import Base as LedgerBase
