@@ -107,7 +107,7 @@ def test_killed_worker_line_resumes_on_the_other(cluster, tiny_base, prepared_da
         (beat,) = [k for k in keys("") if "/attempts/" in k]
         return json.loads(s3.get_object(Bucket=BUCKET, Key=beat)["Body"].read())["worker"]
 
-    victim = wait_for("the line's first published checkpoint", checkpointed_by, 180, 0.2)
+    victim = wait_for("the line's first published checkpoint", checkpointed_by, 600, 0.2)
     kill_tree(cluster["workers"][victim]["proc"])
     thread.join(timeout=240)
     assert not thread.is_alive(), "the cycle did not finish after the worker was killed"
