@@ -16,6 +16,7 @@ setup:
 	@./scripts/bootstrap.sh
 
 demo: setup
+	@mkdir -p .taas/prefect  # Prefect warns when its home's parent is missing
 	PREFECT_HOME=$(CURDIR)/.taas/prefect $(VENV)/bin/taas demo
 
 test: setup
