@@ -289,30 +289,41 @@ def library_catalog(settings: Any) -> LibraryCatalog:
     return LibraryCatalog(names, describe, _CachedFolders(cache))
 
 
-def library_commission_of(settings: Any) -> Callable[[str, str], str | None]:
-    """``(name, version) -> commission_id`` of a registered version (None when the library
-    does not know it); remembered, since a version's commission never changes. The library
-    opens on first use."""
-    found: dict[tuple[str, str], str | None] = {}
+def library_version_tags(settings: Any) -> Callable[[str, str], dict[str, str] | None]:
+    """``(name, version) -> tags`` of a registered version (None when the library does not
+    know it); remembered, since a version's provenance tags never change. The library opens
+    on first use."""
+    found: dict[tuple[str, str], dict[str, str]] = {}
     opened: list[Any] = []
 
-    def commission_of(name: str, version: str) -> str | None:
+    def tags_of(name: str, version: str) -> dict[str, str] | None:
         if (name, version) not in found:
             if not opened:
                 from factory.library import ExpertLibrary
 
                 opened.append(ExpertLibrary(settings))
             try:
-                tags = opened[0].show(name, version).tags
+                found[(name, version)] = dict(opened[0].show(name, version).tags)
             except Exception as exc:
-                # Not registered (a sample, a removed version): no commission. Anything else
-                # (the registry is down) must not silently re-attribute revenue: raised.
+                # Not registered (a sample, a removed version): no tags. Anything else (the
+                # registry is down) must not silently re-attribute revenue: raised.
                 missing = getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
                 if isinstance(exc, ValueError | LookupError) or missing:
                     return None
                 raise
-            found[(name, version)] = tags.get("commission_id") or None
         return found[(name, version)]
+
+    return tags_of
+
+
+def library_commission_of(settings: Any) -> Callable[[str, str], str | None]:
+    """``(name, version) -> commission_id`` of a registered version (None when the library
+    does not know it)."""
+    tags_of = library_version_tags(settings)
+
+    def commission_of(name: str, version: str) -> str | None:
+        tags = tags_of(name, version)
+        return (tags or {}).get("commission_id") or None
 
     return commission_of
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from marketplace.catalog import library_version_tags
+
 
 def parent_from_tags(tags: dict[str, str]) -> tuple[str, str, Decimal] | None:
     """The parent of a version with these tags; None when it was trained from the base.
@@ -25,25 +27,10 @@ def parent_from_tags(tags: dict[str, str]) -> tuple[str, str, Decimal] | None:
 
 
 def library_parent_of(settings: Any) -> Callable[[str, str], tuple[str, str, Decimal] | None]:
-    found: dict[tuple[str, str], tuple[str, str, Decimal] | None] = {}
-    opened: list[Any] = []
+    tags_of = library_version_tags(settings)
 
     def parent_of(name: str, version: str) -> tuple[str, str, Decimal] | None:
-        if (name, version) not in found:
-            if not opened:
-                from factory.library import ExpertLibrary
-
-                opened.append(ExpertLibrary(settings))
-            try:
-                tags = opened[0].show(name, version).tags
-            except Exception as exc:
-                # As in catalog.library_commission_of: only a version the registry does not
-                # know has no parent; a registry that is down must not re-attribute revenue.
-                missing = getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-                if isinstance(exc, ValueError | LookupError) or missing:
-                    return None
-                raise
-            found[(name, version)] = parent_from_tags(tags)
-        return found[(name, version)]
+        tags = tags_of(name, version)
+        return None if tags is None else parent_from_tags(tags)
 
     return parent_of

@@ -19,6 +19,7 @@ forever). Two changes make the embedded default heal itself:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -80,6 +81,18 @@ def reclaim_expired_leases() -> int:
             except ObjectNotFound:  # gone meanwhile (released by its holder or another waiter)
                 anyio.run(storage.revoke_lease, lease_id)
     return released
+
+
+class _QuietWaitTimeouts(logging.Filter):
+    """Prefect logs an ERROR for every acquisition that times out; here a timeout is only the
+    end of one wait (the line looks for expired leases and waits again), so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("SlotAcquisition" in message and "TimeoutError" in message)
+
+
+logging.getLogger("prefect._internal.concurrency").addFilter(_QuietWaitTimeouts())
 
 
 @contextmanager
