@@ -18,8 +18,14 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-#: bundle files made at export time, so not attested (library.json's aliases move)
-EXPORT_FILES = frozenset({"INTEGRATION.md", "library.json", "COMMITTED.json"})
+from factory.bundle import LM_EVAL_DIR, LM_EVAL_FILES
+
+#: bundle files made at export time, so not attested (library.json's aliases move; the lm-eval
+#: reproduction is the general tasks' command and results, no weights)
+EXPORT_FILES = frozenset(
+    {"INTEGRATION.md", "library.json", "COMMITTED.json"}
+    | {f"{LM_EVAL_DIR}/{rel}" for rel in LM_EVAL_FILES}
+)
 MAX_TAR_BYTES = 4 << 30
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from factory.commission import BudgetSection, ExpertSection
 from factory.hashing import json_sha256
-from infra.launcher import EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_WORKER_ERROR, watch_owner
+from infra.launcher import EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_WORKER_ERROR, emit, watch_owner
 
 EXIT_RETRYABLE = 1
 # Exceptions that the same inputs would raise again: retrying cannot help. RuntimeError and
@@ -160,10 +160,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _emit(kind: str, payload: dict) -> None:
-    print(f"{kind} {json.dumps(payload, sort_keys=True)}", flush=True)
 
 
 def _die_with_parent() -> None:
@@ -329,9 +325,9 @@ def run(config: TrainConfig, rank: int) -> int:
             state = checkpoint.load(Path(found), engine, rank)
             start_step, tokens_seen = state["next_step"], state["tokens_seen"]
             if rank == 0:
-                _emit("TAAS_EVENT", {"event": "resume", "step": start_step, "path": found})
+                emit("TAAS_EVENT", {"event": "resume", "step": start_step, "path": found})
         elif rank == 0:
-            _emit("TAAS_EVENT", {"event": "checkpoint_ignored", "reason": "config_mismatch"})
+            emit("TAAS_EVENT", {"event": "checkpoint_ignored", "reason": "config_mismatch"})
 
     clip_locally = _clips_locally(config)
     # With ZeRO-0 gradients in param.grad and one micro-batch per step, a skipped step is undone
@@ -373,11 +369,11 @@ def run(config: TrainConfig, rank: int) -> int:
             nonfinite_in_row += 1
             seen_nonfinite = True
             if rank == 0:
-                _emit("TAAS_EVENT", {"event": "non_finite_loss", "step": step})
+                emit("TAAS_EVENT", {"event": "non_finite_loss", "step": step})
             if nonfinite_in_row >= config.max_nonfinite:
                 # Every rank reports a final outcome: torchrun stops the others as soon as one
                 # rank exits, so rank 0 may be killed before it could write its line.
-                _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "non_finite_loss"})
+                emit("TAAS_OUTCOME", {"outcome": "final", "reason": "non_finite_loss"})
                 return EXIT_NON_FINITE
             continue
         nonfinite_in_row = 0
@@ -394,7 +390,7 @@ def run(config: TrainConfig, rank: int) -> int:
         last_loss = loss_sum / world
         elapsed = time.perf_counter() - started
         if rank == 0:
-            _emit(
+            emit(
                 "TAAS_METRIC",
                 {
                     "step": step + 1,
@@ -435,7 +431,7 @@ def run(config: TrainConfig, rank: int) -> int:
             )
             if rank == 0:
                 checkpoint.prune(config.checkpoint_dir, config.keep_last)
-                _emit("TAAS_EVENT", {"event": "checkpoint", "step": done, "path": str(path)})
+                emit("TAAS_EVENT", {"event": "checkpoint", "step": done, "path": str(path)})
 
     adapter = gather_adapter(engine, rank)
     if rank == 0:
@@ -455,7 +451,7 @@ def run(config: TrainConfig, rank: int) -> int:
         )
         key = load_private_key(config.key_path)
         write_candidate(config.output_dir, adapter, adapter_config, manifest, key)
-        _emit(
+        emit(
             "TAAS_OUTCOME",
             {
                 "outcome": "ok",
@@ -489,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(config)
     except (ValidationError, ValueError, OSError) as exc:
         # Every rank reports (see the non-finite abort): the first to exit ends the job.
-        _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "bad_config", "detail": str(exc)})
+        emit("TAAS_OUTCOME", {"outcome": "final", "reason": "bad_config", "detail": str(exc)})
         return EXIT_BAD_CONFIG
     try:
         return run(config, rank)
@@ -498,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code_for(exc)
         if code == EXIT_WORKER_ERROR:  # any rank may be the one that failed: each reports
             detail = f"rank {rank}: {type(exc).__name__}: {exc}"
-            _emit("TAAS_OUTCOME", {"outcome": "final", "reason": "worker_error", "detail": detail})
+            emit("TAAS_OUTCOME", {"outcome": "final", "reason": "worker_error", "detail": detail})
         return code
 
 

@@ -262,14 +262,32 @@ class Job:
             pass
 
 
-def _parse(line: str) -> tuple[str, dict] | None:
-    for kind in ("TAAS_METRIC", "TAAS_EVENT", "TAAS_OUTCOME"):
-        if line.startswith(kind + " ") or f"] {kind} " in line:
-            try:
-                return kind, json.loads(line.split(kind + " ", 1)[1])
-            except ValueError:
-                return None
-    return None
+KINDS = ("TAAS_METRIC", "TAAS_EVENT", "TAAS_OUTCOME")
+_DECODER = json.JSONDecoder()
+
+
+def emit(kind: str, payload: dict) -> None:
+    """Writes one protocol line to stdout in a single ``write``: ranks share the pipe and run
+    unbuffered (``python -u`` under the DeepSpeed launcher), where ``print`` writes the text and
+    its newline apart and two ranks' lines could run together."""
+    line = f"{kind} {json.dumps(payload, sort_keys=True)}\n".encode()
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line)
+
+
+def _parse(line: str) -> list[tuple[str, dict]]:
+    """Every ``KIND {json}`` record in ``line``, in order (a launcher's prefix such as
+    ``[rank0]:`` and records of other ranks run into the same line are allowed)."""
+    found = []
+    pattern = "|".join(KINDS)
+    for match in re.finditer(rf"({pattern}) ", line):
+        try:
+            payload, _ = _DECODER.raw_decode(line, match.end())
+        except ValueError:
+            continue
+        if isinstance(payload, dict):
+            found.append((match.group(1), payload))
+    return found
 
 
 def launch(
@@ -395,8 +413,7 @@ def watch_owner(exit_code: int = 1, period_s: float = 1.0) -> None:
         while owner_alive():
             time.sleep(period_s)
         try:  # the owner held the read end of the log pipe: this write may fail
-            print(f"TAAS_EVENT {json.dumps({'event': 'owner_gone', 'owner_pid': int(pid)})}")
-            sys.stdout.flush()
+            emit("TAAS_EVENT", {"event": "owner_gone", "owner_pid": int(pid)})
         finally:
             os._exit(exit_code)
 
@@ -409,18 +426,15 @@ def _pump(job: Job, result: LaunchResult, on_metric) -> None:
         for line in job.proc.stdout:
             if log is not None:
                 log.write(line)
-            parsed = _parse(line.rstrip("\n"))
-            if parsed is None:
-                continue
-            kind, payload = parsed
-            if kind == "TAAS_METRIC":
-                result.metrics.append(payload)
-                if on_metric is not None:
-                    on_metric(payload)
-            elif kind == "TAAS_EVENT":
-                result.events.append(payload)
-            else:
-                result.report = payload
+            for kind, payload in _parse(line.rstrip("\n")):
+                if kind == "TAAS_METRIC":
+                    result.metrics.append(payload)
+                    if on_metric is not None:
+                        on_metric(payload)
+                elif kind == "TAAS_EVENT":
+                    result.events.append(payload)
+                else:
+                    result.report = payload
     finally:
         if log is not None:
             log.close()

@@ -125,3 +125,17 @@ def test_timeout_kills_the_job():
                     on_start=jobs.append, grace_s=1)  # fmt: skip
     assert (result.outcome, result.reason) == ("retryable", "timeout")
     assert _survivors(jobs[0].descendants()) == []
+
+
+def test_records_run_together_by_two_ranks_are_all_read():
+    """Unbuffered ranks (``python -u``) write a print's text and its newline apart, so two ranks'
+    records can share one line of the pipe; a launcher prefix comes before some."""
+    from infra.launcher import _parse
+
+    line = 'TAAS_EVENT {"event": "child", "pid": 7}TAAS_EVENT {"event": "child", "pid": 8}'
+    assert _parse(line) == [("TAAS_EVENT", {"event": "child", "pid": 7}),
+                            ("TAAS_EVENT", {"event": "child", "pid": 8})]  # fmt: skip
+    assert _parse('[rank1]: TAAS_METRIC {"step": 2, "loss": 1.5}') == [
+        ("TAAS_METRIC", {"step": 2, "loss": 1.5})
+    ]
+    assert _parse("TAAS_METRIC {broken") == [] and _parse("loss went down") == []

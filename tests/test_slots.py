@@ -26,10 +26,12 @@ def _active_slots(name: str) -> int:
 
 
 def _orphan_lease(name: str, slots: int) -> str:
-    """Takes ``slots`` under a lease nobody renews, as a run killed mid-line leaves them."""
+    """Takes ``slots`` under a lease nobody renews, as a run killed mid-line leaves them. The
+    lease is long so that it cannot expire by itself (and be reclaimed by another waiter) on a
+    slow machine before :func:`_expire` ends it."""
     with get_client(sync_client=True) as client:
         response = client.increment_concurrency_slots_with_lease(
-            names=[name], slots=slots, mode="concurrency", lease_duration=60
+            names=[name], slots=slots, mode="concurrency", lease_duration=3600
         )
     return response.json()["lease_id"]
 
