@@ -21,6 +21,7 @@ An adapter that was "not applied" shows as an expert whose numbers equal the bas
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -295,6 +296,18 @@ def _same_numbers(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
             if other is None or not math.isclose(value, other, rel_tol=0.0, abs_tol=1e-12):
                 return False
     return True
+
+
+class _NoCustomDatasetHint(logging.Filter):
+    """lm-eval warns on every run of a task with a ``custom_dataset`` loader (all of ours, see
+    :func:`copy_loader`) that kwargs could go to ``--metadata``: a hint, not a problem, and one
+    per task per model would bury the stage display's real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_NoCustomDatasetHint())
 
 
 def run_benchmarks(

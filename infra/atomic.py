@@ -14,6 +14,7 @@ previous version instead of nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -64,6 +65,32 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so that a
+    reader of either path never finds it missing; False where the kernel, the libc or the file
+    system cannot (the caller then falls back to two renames)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if done != 0:
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+            return False
+        raise OSError(code, os.strerror(code), str(b))
+    fsync_dir(Path(b).parent)
+    return True
 
 
 def _aside(final: Path) -> Path:

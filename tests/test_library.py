@@ -242,6 +242,42 @@ def test_eight_concurrent_registrations_make_one_version(tiny_expert_folder, tmp
     assert [row["version"] for row in library.lineage("expert-legal")] == ["1"]
 
 
+def test_concurrent_downloads_over_one_folder_each_get_it_whole(tiny_expert_folder, tmp_path):
+    """Six threads re-download the same version over the same folder while readers load it:
+    every download returns a folder that verifies, and no reader ever finds it missing or torn
+    (the folder is replaced by renames, never removed in place)."""
+    settings = Settings(home=tmp_path / "home")
+    library = ExpertLibrary(settings)
+    library.register(tiny_expert_folder, provenance(), BENCHMARK)
+    dest = library.download("expert-legal", "1", tmp_path / "shared")
+    want = load_expert(tiny_expert_folder).manifest.adapter_sha256
+    barrier = threading.Barrier(6)
+    done = threading.Event()
+
+    def download_again(_: int) -> str:
+        barrier.wait()
+        got = ExpertLibrary(settings).download("expert-legal", "1", dest, overwrite=True)
+        return load_expert(got).manifest.adapter_sha256
+
+    reads: list[str] = []
+
+    def read_while_replaced() -> None:
+        while not done.is_set():
+            reads.append(load_expert(dest).manifest.adapter_sha256)
+
+    reader = threading.Thread(target=read_while_replaced)
+    reader.start()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(download_again, range(6)))
+    finally:
+        done.set()
+        reader.join()
+    assert got == [want] * 6
+    assert reads and set(reads) == {want}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shared")] == []  # no scratch
+
+
 def test_register_rejects_bad_input(tiny_expert_folder, tmp_path):
     library = ExpertLibrary(Settings(home=tmp_path / "home"))
     with pytest.raises(ValueError, match="commission_id"):

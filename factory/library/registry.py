@@ -30,8 +30,8 @@ promotion gate and provenance schema import without it.
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ from factory.library.provenance import (
     version_tags,
 )
 from factory.model_card import integration_markdown, model_card
-from infra.atomic import atomic_write_text
+from infra.atomic import atomic_write_text, exchange_paths
 from infra.settings import Settings
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -405,11 +405,23 @@ class ExpertLibrary:
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as scratch:
             got = self._t.download_run_artifacts(self.tracking, v.run_id, "expert", Path(scratch))
             expert = load_expert(got)  # ValueError when torn or tampered in the store
-            if expert.manifest.adapter_sha256 != v.tags.get("adapter_sha256"):
+            want = v.tags.get("adapter_sha256")
+            if expert.manifest.adapter_sha256 != want:
                 raise ValueError(f"{name}@{v.version}: adapter sha256 differs from its tag")
-            if dest.exists():
-                shutil.rmtree(dest)
-            got.rename(dest)
+            # Swapped in, never removed in place: a reader or a concurrent download of the same
+            # folder always finds one whole copy there. The old copy ends in the scratch folder
+            # and goes with it.
+            if dest.exists() and exchange_paths(got, dest):
+                return dest
+            try:
+                os.replace(dest, Path(scratch) / "previous")
+            except FileNotFoundError:
+                pass
+            try:
+                os.replace(got, dest)
+            except OSError:  # another download put its copy there first: the same version wins
+                if load_expert(dest).manifest.adapter_sha256 != want:
+                    raise
         return dest
 
     def export(self, name: str, ref: str | None, dest: Path) -> Path:
