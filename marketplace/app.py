@@ -306,6 +306,10 @@ def create_app(market: Market) -> FastAPI:
     def account_page(
         request: Request, buyer_id: str, new_key: str | None, cookie: str | None = None
     ) -> HTMLResponse:
+        commissions = desk_of().commissions_of(buyer_id)
+        for c in commissions:
+            if c.state == "registered" and c.visibility == "private":
+                market.claim_commissioned(buyer_id, c.expert_name)
         licences = market.licensing.licences_of(buyer_id)
         expires = int(time.time()) + config.link_ttl_s
         downloads = {}  # licence id -> the POST form's action and signed fields
@@ -327,7 +331,7 @@ def create_app(market: Market) -> FastAPI:
             invoice=market.licensing.invoice(buyer_id, period_of(datetime.now(UTC))),
             keys=market.api_keys(buyer_id),
             downloads=market.licensing.downloads_of(buyer_id),
-            commissions=desk_of().commissions_of(buyer_id),
+            commissions=commissions,
         )
 
     def new_cookie(buyer_id: str) -> str:

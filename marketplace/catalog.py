@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from factory.commission import PRICE_TAGS, price_amount
+from factory.customer import OWNER_TAG
 
 log = logging.getLogger(__name__)
 # What an expert registered without a price costs.
@@ -70,6 +71,12 @@ class CatalogEntry:
     model_card: str
     champion_history: list[tuple[str, str]]  # (version, ISO-8601 UTC time promoted), oldest first
     tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def private(self) -> bool:
+        """Registered with a visibility other than public (an exclusive commission): shown only
+        to the buyer holding its exclusive licence (see :meth:`Market.visible`)."""
+        return self.tags.get("visibility", "public") != "public"
 
     def matches(self, query: str) -> bool:
         text = " ".join([self.name, self.domain, self.base_model, self.model_card]).lower()
@@ -213,8 +220,6 @@ class LibraryCatalog:
 
     def _entry(self, name: str) -> CatalogEntry | None:
         versions, champion, tags, card = self._describe(name)
-        if tags.get("visibility", "public") != "public":
-            return None
         try:
             return entry_from_tags(name, versions, champion, tags, card)
         except ValueError as exc:
@@ -247,7 +252,9 @@ class _CachedFolders:
 
 def library_catalog(settings: Any) -> LibraryCatalog:
     """A catalog over ``factory.library.ExpertLibrary(settings)``: one entry per expert (its
-    champion, else its latest version); private versions are not listed.
+    champion, else its latest version). Private experts are entries too, with the owner's
+    customer id (tag :data:`factory.customer.OWNER_TAG`); the market shows them only to the buyer
+    holding their exclusive licence.
 
     Prices: the registered model's price tags override the shown version's. Dates: the version's
     ``trained_at`` tag, else MLflow's creation time of the version; the champion history lists
@@ -275,6 +282,7 @@ def library_catalog(settings: Any) -> LibraryCatalog:
         tags.setdefault("trained_at", shown.created_at)
         overrides = library.model_tags(name)
         tags.update({key: overrides[key] for key in PRICE_TAGS if overrides.get(key)})
+        tags[OWNER_TAG] = overrides.get(OWNER_TAG, "")
         tags["champion_history"] = json.dumps([[version, date] for date, version in history])
         return [v.version for v in every], str(shown.version), tags, _card_text(tags)
 

@@ -11,7 +11,10 @@ the local runner: a background ``taas commission submit`` process, in its own se
 to ``run.log``. :meth:`CommissionDesk.commissions_of` reads each submission's state from the
 commission store (matched on the spec's sha256), "starting" until intake records it.
 
-The customer of such a commission is the buyer id; "private" is an exclusive commission.
+The customer of such a commission is the buyer id; "private" is an exclusive commission: its
+expert is registered as private, and once registered the buyer's account page
+claims its exclusive licence for them (:meth:`marketplace.market.Market.claim_commissioned`), so
+that nobody else ever sees it and they can use and download it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from factory.commission import FORMATS, BudgetSection, load_spec, spec_sha256
+from factory.customer import expert_id_for
 from infra.atomic import atomic_write_json, committed_dir, verify_committed
 from infra.settings import Settings
 
@@ -59,6 +63,8 @@ class BuyerCommission:
     state: str  # the store's state; "starting" before intake; "not started" if the runner died
     detail: str
     commission_id: str
+    visibility: str = "public"  # public | private
+    expert_name: str = ""  # the library name its expert registers under
 
 
 class CommissionDesk:
@@ -195,7 +201,9 @@ class CommissionDesk:
                 log = folder / f"{token}.run.log"
                 lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
                 state, detail, cid = "not started", (lines or [""])[-1][:300], ""
-            shown.append(BuyerCommission(token, staged.domain, state, detail, cid))
+            expert = expert_id_for(staged.domain, buyer_id)  # the spec's customer is the buyer
+            shown.append(BuyerCommission(token, staged.domain, state, detail, cid,
+                                         staged.visibility, expert))  # fmt: skip
         return shown
 
 

@@ -8,6 +8,7 @@ manages only their own API keys: :meth:`Market.revoke_key` answers False for any
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -104,20 +105,30 @@ class Market:
         return self.config.secret.encode("utf-8")
 
     def visible(self, name: str, buyer_id: str | None) -> CatalogEntry | None:
-        """The entry when it exists and is not exclusive to another buyer; else None."""
+        """The entry when it exists, is not exclusive to another buyer and, when private, is
+        exclusive to this one; else None."""
         entry = self.catalog.get(name)
         if entry is None:
             return None
-        owner = self.licensing.exclusive_owner(name)
-        return entry if owner is None or owner == buyer_id else None
+        return entry if _shown(entry, self.licensing.exclusive_owner(name), buyer_id) else None
 
     def visible_entries(self, buyer_id: str | None) -> list[CatalogEntry]:
-        private = self.licensing.exclusive_experts()
-        return [
-            entry
-            for entry in self.catalog.entries()
-            if private.get(entry.name, buyer_id) == buyer_id
-        ]
+        owners = self.licensing.exclusive_experts()
+        return [e for e in self.catalog.entries() if _shown(e, owners.get(e.name), buyer_id)]
+
+    def claim_commissioned(self, buyer_id: str, name: str) -> bool:
+        """Grants the buyer who commissioned the private expert ``name`` its exclusive licence
+        (no fee: the commission paid for it); True when they hold it. Only the expert's owner
+        (the customer id registration recorded) can claim it; a repeat is a no-op."""
+        from factory.customer import OWNER_TAG, customer_id_for
+
+        entry = self.catalog.get(name)
+        if entry is None or not entry.private:
+            return False
+        if entry.tags.get(OWNER_TAG) != customer_id_for(buyer_id):
+            return False
+        self.licensing.grant(buyer_id, name, entry.champion, "exclusive")
+        return True
 
     def readiness(self) -> Readiness:
         public = self.visible_entries(None)
@@ -207,10 +218,23 @@ class Market:
                 raise
             raise TornBundle(f"{entry.name}@{version}: commit marker unreadable") from None
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        # gzip's header holds a time stamp (the current second unless given): fixed, so that
+        # one version's bundle has one sha256 however many requests build it, and when.
+        with (
+            gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w") as tar,
+        ):
             for rel in sorted(contents):
                 info = tarfile.TarInfo(prefix + rel)
                 info.size, info.mode, info.mtime = len(contents[rel]), 0o644, 0
                 tar.addfile(info, io.BytesIO(contents[rel]))
         data = buffer.getvalue()
         return data, bytes_sha256(data)
+
+
+def _shown(entry: CatalogEntry, exclusive_owner: str | None, buyer_id: str | None) -> bool:
+    """Public experts: to everyone until someone holds them exclusively, then to that buyer.
+    Private ones (an exclusive commission): only to the buyer holding the exclusive licence."""
+    if entry.private:
+        return exclusive_owner is not None and exclusive_owner == buyer_id
+    return exclusive_owner is None or exclusive_owner == buyer_id

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,9 @@ def test_marketplace_download_holds_only_deliverables(tiny_base, tmp_path):
     entry = catalog.get("law-expert")
     folder = Path(catalog.expert_folder("law-expert", entry.champion))
     legacy_folder(folder, folder)
-    data, _ = market.bundle(entry, entry.champion)
+    data, digest = market.bundle(entry, entry.champion)
+    time.sleep(1.1)  # gzip stamps the current second unless told otherwise
+    assert market.bundle(entry, entry.champion)[1] == digest  # one version, one sha256
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         names = {Path(m.name).name for m in tar.getmembers()}
         marker = json.loads(tar.extractfile(f"law-expert-{entry.champion}/{MARKER}").read())

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from cli.main import main
 from evaluation.benchmark import BenchmarkResult
+from factory.customer import customer_id_for
 from factory.expert import load_expert, save_expert
 from factory.ledger import Ledger
 from factory.library.promotion import GateInputs
@@ -77,15 +78,20 @@ def test_library_experts_appear_with_provenance(tiny_base, tmp_path, taas_home, 
         "maintenance_fee": "150.50",
         "exclusive_premium": "12000",
     }
-    for name, domain, seed, visibility in (
-        ("law-lib", "law", 1, "public"),
-        ("secret-lib", "tax", 2, "private"),
+    # a private (exclusive) commission's expert, registered for the buyer who commissioned it
+    tax_buyer = Licensing(Ledger(settings.db_url)).create_buyer("Tax Buyer")
+    for name, domain, seed, visibility, owner in (
+        ("law-lib", "law", 1, "public", ""),
+        ("secret-lib", "tax", 2, "private", customer_id_for(tax_buyer)),
     ):
         folder = save_expert(tmp_path / name, random_expert(tiny_base, name, domain, seed))
-        library.register(folder, provenance(visibility, **commission_prices), BENCHMARK)
+        prov = provenance(visibility, **commission_prices).model_copy(update={"customer_id": owner})
+        library.register(folder, prov, BENCHMARK)
     catalog = library_catalog(settings)
-    assert [e.name for e in catalog.entries()] == ["law-lib"]
-    assert catalog.get("secret-lib") is None
+    assert [(e.name, e.private) for e in catalog.entries()] == [
+        ("law-lib", False),
+        ("secret-lib", True),
+    ]
     entry = catalog.get("law-lib")
     assert (entry.domain, entry.cycles, entry.champion, entry.versions) == ("law", 3, "1", ["1"])
     assert entry.contributors == {"line-0": "0.8", "line-1": "0.2"}
@@ -157,6 +163,23 @@ def test_library_experts_appear_with_provenance(tiny_base, tmp_path, taas_home, 
         )
         assert client.get("/experts/secret-lib").status_code == 404
     buyer = market.licensing.create_buyer("Acme")
+    # The private expert: nobody sees it, not even its owner, until the owner claims it; then
+    # only they do, holding its exclusive licence; nobody else can claim or license it.
+    assert [e.name for e in market.visible_entries(tax_buyer)] == ["law-lib"]
+    assert market.claim_commissioned(buyer, "secret-lib") is False
+    assert market.claim_commissioned(buyer, "law-lib") is False  # public: nothing to claim
+    assert market.visible("secret-lib", buyer) is None
+    assert market.claim_commissioned(tax_buyer, "secret-lib") is True
+    assert market.claim_commissioned(tax_buyer, "secret-lib") is True  # a repeat: no new licence
+    assert [(lic.expert_name, lic.kind) for lic in market.licensing.licences_of(tax_buyer)] == [
+        ("secret-lib", "exclusive")
+    ]
+    assert market.visible("secret-lib", tax_buyer).private
+    assert [e.name for e in market.visible_entries(tax_buyer)] == ["law-lib", "secret-lib"]
+    assert [e.name for e in market.visible_entries(buyer)] == ["law-lib"]
+    assert market.visible("secret-lib", None) is None and market.readiness().open
+    with pytest.raises(ValueError, match="licensed exclusively"):
+        market.licensing.grant(buyer, "secret-lib", "1", "usage")
     market.grant(buyer, catalog.get("law-lib"), "weight")
     lines = market.licensing.invoice(buyer, period_of(datetime.now(UTC))).lines
     assert [(line.expert_version, line.item, line.amount) for line in lines] == [
