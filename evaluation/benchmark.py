@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -258,11 +259,39 @@ def _lm_eval_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=handle_non_serializable, ensure_ascii=False))
 
 
+def _bars_off() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
+def _quiet_hflm():
+    """HFLM whose progress bars follow TQDM_DISABLE (the CLI sets it without ``--verbose``):
+    lm-eval passes ``disable=False`` to its own bars, which overrides the environment."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or _bars_off())
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or _bars_off())
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or _bars_off())
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # loglikelihood_rolling calls this with disable_tqdm=False written in
+            return super()._loglikelihood_tokens(
+                requests, disable_tqdm=disable_tqdm or _bars_off(), override_bs=override_bs
+            )
+
+    return QuietHFLM
+
+
 def _make_lm(base_model_path: Path, spec: Any, batch_size: int) -> tuple[Any, str]:
     """The HFLM of a model spec and the dtype it computes in."""
     import torch
-    from lm_eval.models.huggingface import HFLM
 
+    HFLM = _quiet_hflm()  # noqa: N806 - lm-eval's class, with bars that can be turned off
     from infra.hardware import select_precision, torch_device
 
     # The device follows the model's: an instantiated model is evaluated where it lives; a

@@ -146,3 +146,19 @@ def test_in_memory_model_and_unknown_task(tiny_base, tiny_expert_folder, task_di
     )
     with pytest.raises(ValueError, match="tasks"):
         run_benchmarks(tiny_base.path, {"base": None}, ["no_such_task"], task_dir)
+
+
+def test_no_progress_bars_when_the_cli_turns_them_off(tiny_base, task_dir, monkeypatch, capfd):
+    """lm-eval passes disable=False to its own bars, overriding TQDM_DISABLE; the factory's
+    HFLM honours it, so `taas demo` prints its stages and not lm-eval's bars."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    capfd.readouterr()
+    run_benchmarks(tiny_base.path, {"base": None}, ["legal_heldout_ppl"], task_dir, limit=2)
+    quiet = capfd.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    run_benchmarks(tiny_base.path, {"base": None}, ["legal_heldout_ppl"], task_dir, limit=2)
+    loud = capfd.readouterr().err
+    assert "Running loglikelihood requests" in loud  # the check can see a bar
+    # (transformers' "Loading weights" bar follows HF_HUB_DISABLE_PROGRESS_BARS, read when
+    # huggingface_hub is imported: the CLI sets it first)
+    assert "Running loglikelihood requests" not in quiet
