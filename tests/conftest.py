@@ -16,7 +16,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TAAS_TEST_CACHE", REPO / ".cache" / "test"))
 
-_SESSION_HOME = Path(tempfile.mkdtemp(prefix="taas-test-"))
+# pytest imports this file as ``conftest``; test modules that import ``tests.conftest`` run it a
+# second time under that name. Both must share one session home: a second one would move
+# PREFECT_HOME away from the temporary API already serving the session.
+_TWIN = sys.modules.get("tests.conftest" if __name__ == "conftest" else "conftest")
+_SESSION_HOME = getattr(_TWIN, "_SESSION_HOME", None) or Path(tempfile.mkdtemp(prefix="taas-test-"))
 os.environ.update(
     {
         "HF_HUB_OFFLINE": "1",

@@ -80,9 +80,16 @@ def _cli(args: list[str], env: dict, cwd: Path, timeout: float = 180) -> str:
 
 @contextmanager
 def local_pool(
-    root: Path, workers: tuple[str, ...] = ("wA", "wB"), limit: int = 1
+    root: Path,
+    workers: tuple[str, ...] = ("wA", "wB"),
+    limit: int = 1,
+    pool: str = POOL,
+    deployment: str = "train-line",
+    worker_env: dict[str, str] | None = None,
 ) -> Iterator[dict]:
-    """Yields {"api", "s3", "root", "workers": {name: {"proc", "home", "folder"}}}."""
+    """Yields {"api", "s3", "root", "client_env", "workers": {name: {"proc", "home", "folder"}}}
+    for ``deployment`` of prefect.yaml on ``pool``; ``worker_env`` overrides the workers'
+    environment (a TAAS_HOME of the caller's, say)."""
     import boto3
 
     root.mkdir(parents=True, exist_ok=True)
@@ -112,8 +119,8 @@ def local_pool(
         wait_for("the Prefect server", healthy, 180)
         client_env = {**base_env, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "client"),
                       "TAAS_REPO_DIR": str(REPO)}  # fmt: skip
-        _cli(["work-pool", "create", POOL, "--type", "process"], client_env, root)
-        _cli(["--no-prompt", "deploy", "--name", "train-line"], client_env, REPO)
+        _cli(["work-pool", "create", pool, "--type", "process"], client_env, root)
+        _cli(["--no-prompt", "deploy", "--name", deployment], client_env, REPO)
         handles = {}
         for name in workers:
             folder = root / name
@@ -126,16 +133,18 @@ def local_pool(
                 "TAAS_HOME": str(folder / "home"),
                 "TAAS_LINE_WORKER_NAME": name,
                 "PYTHONPATH": str(REPO),
+                **(worker_env or {}),
             }
             proc = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", POOL, "--type", "process",
+                [PREFECT, "worker", "start", "--pool", pool, "--type", "process",
                  "--limit", str(limit), "--name", name],
                 env=env, cwd=folder, stdout=open(folder / "worker.log", "wb"),
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             started.append(proc)
             handles[name] = {"proc": proc, "home": folder / "home", "folder": folder}
-        yield {"api": api, "s3": s3_url, "root": root, "workers": handles}
+        yield {"api": api, "s3": s3_url, "root": root, "client_env": client_env,
+               "workers": handles}  # fmt: skip
     finally:
         for proc in reversed(started):
             kill_tree(proc)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 FLOW = textwrap.dedent(
     """
     import sys
+    import flows  # as every command and deployment does: its temporary API dies with it
     from prefect import flow, task
     from infra.launcher import jobs_stopped_on_interrupt, launch
 
@@ -83,6 +84,10 @@ def test_stopping_the_flow_process_leaves_no_job_process(tmp_path, sig, mode):
             procs = _job_processes(root)
         time.sleep(1)
         procs = _job_processes(root)
+        # the flow process's temporary Prefect API must go with it too (the watchdog)
+        servers = [p for p in root.children(recursive=True) if "prefect.server.api" in _cmd(p)]
+        assert servers, "the flow process started no temporary Prefect API"
+        procs += servers
         flow.send_signal(sig)
         flow.wait(timeout=120)
         deadline = time.monotonic() + 60

@@ -103,11 +103,47 @@ def test_retrain_runs_daily_at_three_utc():
     assert "schedules" not in DEPLOYMENTS["commission"]
 
 
+def _run_on_worker(pool: dict, deployment: str, parameters: dict, timeout_s: float):
+    """A run of ``deployment`` (its cron schedule paused first, so that no scheduled run joins
+    in), picked up by the pool's worker; returns the finished flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: pool["api"]}):
+        with get_client(sync_client=True) as client:
+            found = client.read_deployment_by_name(deployment)
+            for schedule in client.read_deployment_schedules(found.id):
+                client.update_deployment_schedule(found.id, schedule.id, active=False)
+            scheduled = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                    )
+                ),
+            )
+            for run in scheduled:
+                client.delete_flow_run(run.id)
+        return run_deployment(deployment, parameters=parameters, timeout=timeout_s)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # the shared fixture's commission plus a one-cycle retrain, on 2 cores
 def test_retrain_deployment_runs_once(tiny_commission, tmp_path):
+    """``prefect deploy`` of the retrain deployment on a real Prefect server; a run of it, taken
+    by a process worker whose settings name the library, retrains and registers version 2."""
     from factory.library import ExpertLibrary
     from infra.settings import get_settings
+    from tests.line_cluster import local_pool
 
     original = tiny_commission["settings"]
     home = tmp_path / "home"
@@ -135,26 +171,33 @@ def test_retrain_deployment_runs_once(tiny_commission, tmp_path):
                "gate_reasons": []}
     }  # fmt: skip
 
-    report = flow(**flow.validate_parameters({**params, "max_age_days": 0}))
-    entry = report[name]
-    assert entry["due"] == "age"
-    assert entry["version"] == "2"
-    assert entry["commission_id"] != first.tags["commission_id"]
+    worker_env = {
+        "TAAS_HOME": str(home),
+        "TAAS_DATA_ROOTS": json.dumps([str(p) for p in original.data_roots]),
+        "TAAS_BASE_MODEL_DIR": str(original.base_model_dir),
+        "TAAS_MLFLOW_EXPERIMENT": "taas-factory-retrain",
+    }
+    with local_pool(tmp_path / "pool", workers=("retrainer",), pool="factory",
+                    deployment="retrain", worker_env=worker_env) as pool:  # fmt: skip
+        run = _run_on_worker(pool, "retrain/retrain", {"max_age_days": 0, "experts": [name]},
+                             timeout_s=1800)  # fmt: skip
+        worker_log = (pool["workers"]["retrainer"]["folder"] / "worker.log").read_text()
+    assert run.state is not None and run.state.is_completed(), (run.state, worker_log[-3000:])
+    assert run.name.startswith("retrain experts older than 0")
+    second = library.show(name, "2")
+    assert second.tags["commission_id"] != first.tags["commission_id"]
     derived = yaml.safe_load((home / "retrain" / name / "1" / "spec.yaml").read_text())
     assert derived["seed"] == 3 + 1 and derived["budget"]["cycles"] == 1
 
     lineage = library.lineage(name)
     assert [row["version"] for row in lineage] == ["1", "2"]
-    second = library.show(name, "2")
     decision = json.loads(second.tags["gate_decision"])
-    assert decision["promote"] == entry["promoted"]
-    assert decision["reasons"] == entry["gate_reasons"]
     assert decision["previous_champion"] == "1"
     champion = library.show(name, "champion").version
-    if entry["promoted"]:
-        assert champion == "2" and "champion" in second.aliases
+    if decision["promote"]:
+        assert champion == "2" and "champion" in second.aliases and not decision["reasons"]
     else:
-        assert champion == "1" and "challenger" in second.aliases and entry["gate_reasons"]
+        assert champion == "1" and "challenger" in second.aliases and decision["reasons"]
     # warm start from the champion: the new version's parent is version 1's adapter
     assert second.tags["parent_adapter_sha256"] == first.tags["adapter_sha256"] != ""
     assert second.tags["adapter_sha256"] != first.tags["adapter_sha256"]
