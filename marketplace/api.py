@@ -6,7 +6,9 @@ expert the buyer holds a usage or exclusive licence on) or ``mixture:a,b``. An e
 not exist or is exclusive to someone else is answered 404, one without a licence 403. Each
 generated token is metered against the expert version it was routed through (tokens on the
 mixture's null route against ``base`` at price 0); the response's ``usage.completion_tokens``
-equals the tokens metered for the call, and ``routes`` names the route of every token.
+equals the tokens metered for the call, and ``routes`` names the route of every token. The
+input is a ``prompt`` or, as in OpenAI's chat API, ``messages`` (system/user/assistant turns,
+formatted with the base model's chat template).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import time
 import uuid
 from decimal import Decimal
+from typing import Literal
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.mixture import BASE_ROUTE
 from marketplace.auth import bearer_key
@@ -28,13 +31,36 @@ USAGE_KINDS = ("usage", "exclusive")
 MAX_MIXTURE_EXPERTS = 8
 
 
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=8192)
+
+
 class CompletionRequest(BaseModel):
+    """A ``prompt`` (plain text, continued as given) or chat ``messages`` (formatted with the
+    base model's chat template, the assistant's turn opened): exactly one."""
+
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
     model: str = Field(min_length=1, max_length=512)
-    prompt: str = Field(min_length=1, max_length=8192)
+    prompt: str | None = Field(default=None, min_length=1, max_length=8192)
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=64)
     max_tokens: int = Field(default=16, ge=1)
     temperature: float | None = None  # decoding is greedy; accepted for compatibility
+
+    @model_validator(mode="after")
+    def _one_input(self) -> CompletionRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+    def text(self) -> str | list[dict[str, str]]:
+        if self.messages is not None:
+            return [m.model_dump() for m in self.messages]
+        assert self.prompt is not None  # the validator holds one of them
+        return self.prompt
 
 
 def _buyer(market: Market, authorization: str | None) -> tuple[str, str]:
@@ -96,7 +122,7 @@ def build_router(market: Market) -> APIRouter:
                 400, detail={"error": "max_tokens", "limit": market.config.max_new_tokens}
             )
         try:
-            result = market.complete(entries, body.prompt, body.max_tokens)
+            result = market.complete(entries, body.text(), body.max_tokens)
         except ValueError as exc:
             raise HTTPException(
                 400, detail={"error": "invalid_request", "reason": str(exc)}

@@ -60,13 +60,15 @@ class RoutedGenerator:
         self._building: dict[tuple[Path, ...], threading.Lock] = {}
         self.builds = 0  # mixtures built so far (read by tests and metrics)
 
-    def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
-        """Token ids of a prompt (``chat``: one user turn through the base's chat template, see
-        :func:`factory.base_model.format_prompt`); ValueError naming the limit when it is too
-        long or empty."""
-        if len(prompt) > 8 * self.max_prompt_tokens:
+    def prompt_ids(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:
+        """Token ids of a prompt (``chat``: one user turn through the base's chat template; a
+        list of messages is always a chat, see :func:`factory.base_model.format_prompt`);
+        ValueError naming the limit when it is too long or empty."""
+        given = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+        if len(given) > 8 * self.max_prompt_tokens:
             raise ValueError(f"prompt: at most {self.max_prompt_tokens} tokens; shorten it")
-        text = format_prompt(self.tokenizer, prompt, chat) if prompt.strip() else prompt
+        chat = chat or not isinstance(prompt, str)
+        text = format_prompt(self.tokenizer, prompt, chat) if given.strip() else given
         # a chat template already holds the special tokens it needs
         ids = self.tokenizer(text, add_special_tokens=text == prompt)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
@@ -108,7 +110,11 @@ class RoutedGenerator:
             return mixture, by_route
 
     def stream(
-        self, handles: list[ExpertHandle], prompt: str, max_new_tokens: int, chat: bool = False
+        self,
+        handles: list[ExpertHandle],
+        prompt: str | list[dict[str, str]],
+        max_new_tokens: int,
+        chat: bool = False,
     ) -> Iterator[RoutedToken]:
         """Greedy tokens one at a time, each with the expert it was routed to."""
         if not handles:

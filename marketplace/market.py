@@ -143,7 +143,11 @@ class Market:
             entry.name, entry.champion, self.catalog.expert_folder(entry.name, entry.champion)
         )
 
-    def complete(self, entries: list[CatalogEntry], prompt: str, max_tokens: int) -> Routed:
+    def complete(
+        self, entries: list[CatalogEntry], prompt: str | list[dict[str, str]], max_tokens: int
+    ) -> Routed:
+        """Greedy completion of a prompt (plain text) or of chat messages (through the base's
+        chat template) with the entries' mixture."""
         handles = [self.handle(entry) for entry in entries]
         prompt_tokens = len(self.generator.prompt_ids(prompt))
         pieces, routes = [], []

@@ -201,6 +201,43 @@ def test_completions_meter_exactly_and_buyers_are_isolated(client, market):
     assert client.post("/v1/completions", json=too_many, headers=headers).status_code == 400
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_completions_take_chat_messages_through_the_chat_template(client, market):
+    _, _, headers = new_buyer(market, "Chat", licences=[("law-expert", "usage")])
+    messages = [
+        {"role": "system", "content": "You read software licences."},
+        {"role": "user", "content": "What may I do with the code?"},
+    ]
+    tokenizer = market.generator.tokenizer
+    before = getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = CHAT_TEMPLATE  # the tiny base has none; a real chat base does
+    try:
+        body = {"model": "law-expert", "messages": messages, "max_tokens": 3}
+        answer = client.post("/v1/completions", json=body, headers=headers)
+        templated = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    finally:
+        tokenizer.chat_template = before
+    assert answer.status_code == 200, answer.text
+    assert templated.endswith("<|assistant|>") and "<|system|>You read" in templated
+    prompt_ids = tokenizer(templated, add_special_tokens=False)["input_ids"]
+    assert answer.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+    refused = [
+        {"model": "law-expert", "prompt": "a", "messages": messages},  # both
+        {"model": "law-expert"},  # neither
+        {"model": "law-expert", "messages": []},
+        {"model": "law-expert", "messages": [{"role": "tool", "content": "x"}]},
+    ]
+    for body in refused:
+        assert client.post("/v1/completions", json=body, headers=headers).status_code == 422
+
+
 def test_weight_download_link_is_signed_expiring_and_logged(client, market):
     buyer, _, _ = new_buyer(market, licences=[("finance-expert", "weight")])
     path = f"/download/{buyer}/finance-expert/1"
