@@ -120,3 +120,34 @@ def test_bundle_carries_general_reproduction_never_heldout(tiny_expert_folder, t
     assert shipped == set(LM_EVAL_FILES)
     assert "customer row" not in "".join(p.read_text() for p in (bundle / LM_EVAL_DIR).rglob("*")
                                          if p.is_file())  # fmt: skip
+
+
+def test_exported_bundle_reproduces_its_general_numbers(tiny_commission, tmp_path):
+    """Through the real path: the version the commission flow registered, exported as a bundle;
+    its ``lm_eval/lm_eval_command.sh``, run from there with the ``lm_eval`` CLI, gives the
+    numbers in the bundle's ``results.json`` (the general tasks; the held-out task stays out)."""
+    from factory.library import ExpertLibrary
+
+    settings, summary = tiny_commission["settings"], tiny_commission["summary"]
+    registered = summary["registered"]
+    bundle = ExpertLibrary(settings).export(
+        registered["name"], registered["version"], tmp_path / "bundle"
+    )
+    folder = bundle / "lm_eval"
+    script = (folder / COMMAND_FILE).read_text()
+    assert "peft=.." in script and f"pretrained={settings.base_model_dir}" in script
+    recorded = _metrics(json.loads((folder / RESULTS_FILE).read_text())["results"])
+    assert set(recorded) == set(GENERAL_TASKS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PATH": f"{LM_EVAL.parent}:{os.environ['PATH']}"}  # fmt: skip
+    command = ["sh", COMMAND_FILE, "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # lm-eval names the results folder after the model, here "..": they land beside "out"
+    written = sorted(p for p in tmp_path.rglob("results_*.json") if bundle not in p.parents)
+    assert len(written) == 1, (script, done.stdout[-2000:], done.stderr[-2000:])
+    cli = _metrics(json.loads(written[0].read_text())["results"])
+    assert set(cli) == set(recorded)
+    for task, metrics in recorded.items():
+        for metric, value in metrics.items():
+            assert cli[task][metric] == pytest.approx(value, abs=1e-4, rel=0), (task, metric)
