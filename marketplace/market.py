@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from marketplace.catalog import Catalog, CatalogEntry
 from marketplace.demo import ExpertHandle, RoutedGenerator
 from marketplace.licensing import KeyRecord, Licensing
 from marketplace.readiness import Readiness, readiness
+
+log = logging.getLogger(__name__)
 
 
 class TornBundle(ValueError):
@@ -127,7 +130,11 @@ class Market:
             return False
         if entry.tags.get(OWNER_TAG) != customer_id_for(buyer_id):
             return False
-        self.licensing.grant(buyer_id, name, entry.champion, "exclusive")
+        try:
+            self.licensing.grant(buyer_id, name, entry.champion, "exclusive")
+        except ValueError:  # someone else was granted a licence on it: never taken from them
+            log.warning("private expert %s has another licensee; not claimed", name)
+            return False
         return True
 
     def readiness(self) -> Readiness:
