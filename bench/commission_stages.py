@@ -112,6 +112,9 @@ def main() -> int:
     ):  # fmt: skip
         os.environ.setdefault(name, value)
     sys.path.insert(0, str(REPO))
+    from cli.progress import quiet_libraries
+
+    quiet_libraries()  # as `taas demo` does: the stage table, not the libraries' bars
 
     from datetime import UTC
 

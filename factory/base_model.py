@@ -182,8 +182,15 @@ def base_model_ref(folder: Path, section: BaseModelSection | None = None) -> Bas
         licence=info.get("licence", "Apache-2.0" if preset else ""),
         origin=info.get("origin")
         or (f"GGUF {info['gguf_file']} sha256 {info['gguf_sha256']}" if "gguf_file" in info else "")
-        or str(folder),
+        or (preset_origin(preset["name"]) if preset.get("name") else "")
+        # the folder's name, not its path: provenance reaches buyers, the factory's layout not
+        or f"local folder {folder.name}",
     )
+
+
+def preset_origin(preset_name: str) -> str:
+    """The origin recorded for a base the factory built from one of its presets."""
+    return f"built and pretrained locally from the preset {preset_name!r}"
 
 
 def resolve_base_model(section: BaseModelSection, settings: Settings, log=print) -> BaseModelRef:
@@ -324,8 +331,9 @@ def ensure_base_model(home: Path, preset_name: str = "demo", log=print) -> BaseM
     if not verify_committed(folder):
         log(f"[base] building embedded base model {preset.name} (one time, cached in {folder})")
         build_base_model(folder, preset, log=log)
-    origin = f"built and pretrained locally from the preset {preset_name!r}"
-    return BaseModelRef(preset.name, folder, base_model_sha256(folder), "Apache-2.0", origin)
+    return BaseModelRef(
+        preset.name, folder, base_model_sha256(folder), "Apache-2.0", preset_origin(preset.name)
+    )
 
 
 # transformers' from_pretrained swaps PreTrainedModel.tie_weights, init_weights and the

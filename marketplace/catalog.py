@@ -73,6 +73,16 @@ class CatalogEntry:
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
+    def base_licence(self) -> str:
+        """The base model's own licence ("" when the version did not record it)."""
+        return self.tags.get("base_licence", "")
+
+    @property
+    def base_origin(self) -> str:
+        """Where the base model came from ("" when the version did not record it)."""
+        return self.tags.get("base_origin", "")
+
+    @property
     def private(self) -> bool:
         """Registered with a visibility other than public (an exclusive commission): shown only
         to the buyer holding its exclusive licence (see :meth:`Market.visible`)."""

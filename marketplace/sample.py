@@ -64,7 +64,12 @@ def random_expert(base: BaseModelRef, name: str, domain: str, seed: int) -> Expe
         lora_alpha=float(2 * RANK),
         target_modules=sorted(LORA_TARGETS),
         num_layers=layers,
-        provenance={"sample": True, "seed": seed},
+        provenance={
+            "sample": True,
+            "seed": seed,
+            "base_licence": base.licence,
+            "base_origin": base.origin,
+        },
     )
     return Expert(
         manifest=manifest,

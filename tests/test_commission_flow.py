@@ -26,6 +26,9 @@ def test_commission_registers_an_expert_with_provenance(tiny_commission, tiny_ba
     assert tags["commission_id"] == summary["commission_id"]
     assert tags["domain"] == "legal-licences"
     assert tags["base_model_sha256"] == tiny_base.sha256
+    # the base's own terms travel with the expert to the marketplace
+    assert (tags["base_licence"], tags["base_origin"]) == (tiny_base.licence, tiny_base.origin)
+    assert tiny_base.licence == "Apache-2.0" and "preset 'taas-embedded-tiny'" in tiny_base.origin
     assert len(tags["dataset_sha256"]) == 64
     assert len(tags["adapter_sha256"]) == 64
     scores = json.loads(tags["pol_scores"])

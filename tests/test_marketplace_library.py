@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from fastapi.testclient import TestClient
+from markupsafe import escape
 
 from cli.main import main
 from evaluation.benchmark import BenchmarkResult
@@ -153,6 +154,9 @@ def test_library_experts_appear_with_provenance(tiny_base, tmp_path, taas_home, 
     with TestClient(create_app(market)) as client:
         page = client.get("/experts/law-lib").text
         assert "law_qa" in page and "line-0: 0.8" in page
+        # the base's licence and origin, which a licensee of the expert also takes on
+        assert f'<td id="base-licence">{tiny_base.licence}</td>' in page
+        assert f'<td id="base-origin">{escape(tiny_base.origin)}</td>' in page
         assert 'id="preview-banner"' not in page
         assert "0.0000025 per token" in page and "1000 once + 100.00 a year" in page
         assert f'<td id="last-trained">{entry.last_trained}</td>' in page

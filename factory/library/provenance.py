@@ -28,7 +28,8 @@ from factory.expert import ExpertManifest
 PER_ATTEMPT_TAGS = ("trained_at", "code_version")
 
 PROVENANCE_TAGS = (
-    "commission_id domain expert_id base_model base_model_sha256 dataset_sha256 adapter_sha256 "
+    "commission_id domain expert_id base_model base_model_sha256 base_licence base_origin "
+    "dataset_sha256 adapter_sha256 "
     "config_hash code_version pol_scores wise_ft_alpha cycles contributors licence visibility "
     "parent_adapter_sha256 benchmark_summary idempotency_key trained_at"
 ).split()
@@ -143,6 +144,10 @@ def version_tags(
         "expert_id": manifest.expert_id,
         "base_model": manifest.base_model,
         "base_model_sha256": manifest.base_model_sha256,
+        # The base's own licence and where it came from (recorded at composition): a buyer
+        # licensing an expert also takes on its base's terms.
+        "base_licence": str(manifest.provenance.get("base_licence") or ""),
+        "base_origin": str(manifest.provenance.get("base_origin") or ""),
         "dataset_sha256": prov.dataset_sha256,
         "adapter_sha256": manifest.adapter_sha256,
         "config_hash": prov.config_hash,
