@@ -26,6 +26,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # mlflow sets its own loggers' level from this when it is imported (INFO otherwise)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Prefect's console handler would print every run log line beside the stage display.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "deepspeed", "mlflow"):
@@ -67,6 +69,11 @@ def stage_display(enabled: bool):
     if not enabled:
         yield
         return
+    # Prefect configures its loggers (logging.config.dictConfig, which replaces their handlers)
+    # when prefect.main is first imported, lazily by the first `from prefect import flow`; a
+    # handler added before that would be dropped without a word.
+    import prefect.main  # noqa: F401
+
     display = StageDisplay()
     loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
     for logger in loggers:

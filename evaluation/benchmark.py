@@ -336,7 +336,18 @@ class _NoCustomDatasetHint(logging.Filter):
         return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
+class _NoLoadedModelHint(logging.Filter):
+    """lm-eval warns twice per model that it was given a loaded model rather than a name: the
+    factory does that on purpose (the mixture has no name to load it by)."""
+
+    HINTS = ("`pretrained` model kwarg is not of type", "Passed an already-initialized model")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.HINTS)
+
+
 logging.getLogger("lm_eval.api.task").addFilter(_NoCustomDatasetHint())
+logging.getLogger("lm_eval.models.huggingface").addFilter(_NoLoadedModelHint())
 
 
 def run_benchmarks(

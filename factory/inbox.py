@@ -16,8 +16,9 @@ under another name cannot sit in, or claim, someone else's folder.
 :func:`scan_inbox` copies every complete candidate whose files all arrived before the deadline
 (the store's own ``last_modified``) into ``staging/<contributor_id>/<candidate_id>`` and returns
 them in arrival order: the time this factory first saw the candidate with exactly these files
-(recorded in ``staging/.arrivals.json`` by every scan; :func:`record_arrivals` may be called
-while the cycle trains so the order is the factory's own observation), then the store's time,
+(recorded in ``staging/.arrivals.json`` by every scan, and by :func:`watching_arrivals` every
+few seconds while the cycle's lines train: the factory's own observation at that resolution,
+not folder names or the uploaders' clocks), then the store's time,
 then the name. Folder names never decide who came first. Files other than the four above are
 ignored (unsigned, so never used), not held against the candidate: one stray file dropped into a
 folder cannot void it. Nothing is loaded or trusted here: hashes, signatures, shapes and values
@@ -28,8 +29,12 @@ are the gate's job. A candidate that cannot be taken is rejected with a reason f
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,6 +127,37 @@ def record_arrivals(
         seen[key] = datetime.fromisoformat(entry["first_seen"])
     atomic_write_json(Path(staging) / ARRIVALS, known)
     return seen
+
+
+@contextmanager
+def watching_arrivals(
+    store: ObjectStore, expert_id: str, cycle: int, staging: Path, every_s: float
+) -> Iterator[None]:
+    """Records arrivals (:func:`record_arrivals`) on entry and then every ``every_s`` seconds in
+    a thread for the duration of the block (the collecting scan records once more). A failed
+    look (the store unreachable, a listing cut short) is logged and the next one tries again:
+    watching never fails a cycle."""
+    stop = threading.Event()
+    logger = logging.getLogger(__name__)
+
+    def look() -> None:
+        try:
+            record_arrivals(store, expert_id, cycle, staging)
+        except Exception as exc:  # the watch is best effort; the final scan still runs
+            logger.warning("inbox arrivals not recorded: %s", exc)
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            look()
+
+    look()
+    thread = threading.Thread(target=watch, name="inbox-arrivals", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def scan_inbox(

@@ -624,8 +624,13 @@ def load_mixture(base_model: nn.Module, folders: Sequence[Path], top_k: int = 2)
     the null route and center stay zero. Every mixture built from expert folders (composition,
     benchmarks, ``taas generate``, the marketplace) is built here, so they all route alike.
     """
-    experts = [load_expert(Path(folder)) for folder in folders]
-    mixture = MixtureModel.from_experts(base_model, experts, top_k=top_k)
+    return mixture_of(base_model, [load_expert(Path(folder)) for folder in folders], top_k)
+
+
+def mixture_of(base_model: nn.Module, experts: Sequence[Expert], top_k: int = 2) -> MixtureModel:
+    """:func:`load_mixture` over experts already loaded (reading and checking their files can
+    then happen apart from this step, which reads the base model's modules)."""
+    mixture = MixtureModel.from_experts(base_model, list(experts), top_k=top_k)
     saved = [expert.null_route for expert in experts if expert.null_route is not None]
     if saved:
         mixture.load_null_route(saved[-1])

@@ -27,8 +27,11 @@ import logging
 from prefect import flow, get_run_logger
 
 from factory.candidate import CandidateFiles
+from factory.inbox import watching_arrivals
+from factory.train import TrainConfig
 from infra.launcher import jobs_stopped_on_interrupt, line_rendezvous
 from infra.settings import Settings
+from infra.storage import open_store
 from tasks.artifacts import cycle_run_name, publish_cycle
 from tasks.cycle import (
     TRAIN_TIMEOUT_S,
@@ -83,6 +86,31 @@ def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> lis
     configs = [
         line_config(inputs, line, plan.key_paths[line.contributor_id]) for line in plan.lines
     ]
+    # Outside candidates arrive while the lines train: their arrival order is what the factory
+    # sees then, not what a single listing at collection time would make of folder names.
+    store = open_store(settings.objects_url, settings.s3_endpoint_url)
+    watch = watching_arrivals(
+        store, inputs.expert_id, inputs.cycle, inputs.work_dir("inbox"), settings.inbox_poll_s
+    )
+    with watch:
+        results = _run_lines(inputs, configs, nprocs, plan, settings, tracking_uri)
+    logger = get_run_logger()
+    for result in results:
+        level = logging.INFO if result.outcome == "ok" else logging.WARNING
+        logger.log(level, "cycle %d line %s: %s, final loss %s (%s)", inputs.cycle,
+                   result.contributor_id, result.outcome, result.final_loss,
+                   result.reason or "ok")  # fmt: skip
+    return results
+
+
+def _run_lines(
+    inputs: CycleInputs,
+    configs: list[TrainConfig],
+    nprocs: int,
+    plan: CyclePlan,
+    settings: Settings,
+    tracking_uri: str | None,
+) -> list[LineResult]:
     if settings.line_work_pool:  # each line a deployment run on the pool's machines
         from flows.line_dispatch import dispatch_lines
 
@@ -105,11 +133,4 @@ def train_lines(inputs: CycleInputs, plan: CyclePlan, settings: Settings) -> lis
         for config in configs
     ]
     with jobs_stopped_on_interrupt():  # a cancelled flow run takes its DeepSpeed jobs down
-        results = [f.result() for f in futures]
-    logger = get_run_logger()
-    for result in results:
-        level = logging.INFO if result.outcome == "ok" else logging.WARNING
-        logger.log(level, "cycle %d line %s: %s, final loss %s (%s)", inputs.cycle,
-                   result.contributor_id, result.outcome, result.final_loss,
-                   result.reason or "ok")  # fmt: skip
-    return results
+        return [f.result() for f in futures]

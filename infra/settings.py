@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         default=None, ge=1, description="ranks per line here; default the spec's budget"
     )
     max_concurrent_lines: int = Field(default=1, ge=1)
+    inbox_poll_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="while lines train, how often the inbox is listed to record when each "
+        "outside candidate first arrived (its place in the arrival order)",
+    )
     line_work_pool: str | None = Field(
         default=None,
         description="a Prefect work pool: each line runs as a train-line deployment run there, "

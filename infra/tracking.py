@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,9 +146,13 @@ def log_datasets(tracking: Tracking, run_id: str, datasets: list[DatasetRef]) ->
     inputs = []
     for ref in datasets:
         frame = pd.read_json(ref.path, lines=True) if ref.path.stat().st_size else pd.DataFrame()
-        dataset = mlflow.data.from_pandas(
-            frame, source=str(ref.path), name=ref.name, digest=ref.sha256[:MAX_DIGEST_CHARS]
-        )
+        with warnings.catch_warnings():
+            # mlflow registers its local-file source twice (schemes "" and "file") and warns
+            # that a path could be either: the same class both ways
+            warnings.filterwarnings("ignore", message="The specified dataset source can be")
+            dataset = mlflow.data.from_pandas(
+                frame, source=str(ref.path), name=ref.name, digest=ref.sha256[:MAX_DIGEST_CHARS]
+            )
         tags = [InputTag("mlflow.data.context", ref.context), InputTag("sha256", ref.sha256)]
         tags += [InputTag(k, v) for k, v in ref.tags]
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from factory.base_model import format_prompt, load_base
-from factory.mixture import BASE_ROUTE, MixtureModel, load_mixture, stream_routes
+from factory.expert import load_expert
+from factory.mixture import BASE_ROUTE, MixtureModel, mixture_of, stream_routes
 
 MAX_MIXTURES = 16  # expert sets kept composed; each shares the base model
 
@@ -82,8 +83,10 @@ class RoutedGenerator:
     def _mixture(self, handles: list[ExpertHandle]) -> tuple[MixtureModel, dict[str, ExpertHandle]]:
         """The mixture over these experts; route name -> handle. Cached, least recently used
         dropped past ``MAX_MIXTURES``; built once per set, however many requests ask for it
-        together, and once per request (not per decoding step). Building holds the decoding
-        lock: composing reads the shared base's MLPs, which a running forward swaps out."""
+        together, and once per request (not per decoding step). Reading and checking the
+        experts' files happens outside the decoding lock, so requests on other mixtures keep
+        decoding meanwhile; only composing holds it: it reads the shared base's MLPs, which a
+        running forward swaps out."""
         key = tuple(sorted(handle.folder for handle in handles))
         with self._cache_lock:
             if key in self._mixtures:
@@ -94,9 +97,9 @@ class RoutedGenerator:
             with self._cache_lock:
                 if key in self._mixtures:
                     return self._mixtures[key]
-            folders = [handle.folder for handle in handles]
+            experts = [load_expert(handle.folder) for handle in handles]
             with self._lock:
-                mixture = load_mixture(self.model, folders, top_k=self.top_k).eval()
+                mixture = mixture_of(self.model, experts, top_k=self.top_k).eval()
             by_route = {
                 expert.manifest.expert_id: handle
                 for expert, handle in zip(mixture.experts, handles, strict=True)

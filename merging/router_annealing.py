@@ -281,9 +281,10 @@ def routing_heatmap(stats: dict[str, dict[str, float]], path: Path) -> Path:
             )
     ax.set_xlabel("route (majority top-1 over layers)")
     fig.colorbar(image, ax=ax, label="share of tokens")
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    # "tight" grows the canvas to the labels (long expert ids); tight_layout can only shrink
+    # the axes and gives up with a warning when the names do not fit
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)

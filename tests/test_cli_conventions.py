@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,8 @@ from evaluation.benchmark import BenchmarkResult
 from factory.library import ExpertLibrary
 from factory.library.provenance import RegistrationProvenance
 from infra.settings import get_settings
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _parsers(parser: argparse.ArgumentParser, path: str = "taas"):
@@ -107,3 +113,29 @@ def test_stage_display_draws_one_line_per_stage():
     lines = [line for line in out.getvalue().splitlines() if line.strip()]
     assert [line.split(" ")[1] for line in lines] == ["stage-1", "stage-2", "display-check"]
     assert all(line.startswith("✓") and "Completed" in line for line in lines)
+
+
+def test_stage_display_survives_prefect_configuring_its_loggers(tmp_path):
+    """In a fresh process the display is attached before the flows are imported, and the first
+    `from prefect import flow` configures Prefect's loggers: the stage lines must still show."""
+    script = tmp_path / "staged.py"
+    script.write_text(
+        "from cli.progress import quiet_libraries, stage_display\n"
+        "quiet_libraries()\n"
+        "with stage_display(True):\n"
+        "    from prefect import flow, task\n"
+        "    @task(task_run_name='stage-{n}')\n"
+        "    def stage(n):\n"
+        "        return n\n"
+        "    @flow(flow_run_name='display-check')\n"
+        "    def staged():\n"
+        "        return stage(1) + stage(2)\n"
+        "    assert staged() == 3\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr
+    for stage in ("stage-1", "stage-2", "display-check"):
+        assert f"✓ {stage} Completed" in printed, printed[-2000:]

@@ -228,3 +228,42 @@ def test_contaminated_rows_are_removed_before_the_split(env, tiny_base, tmp_path
         report["exact_matches"] + report["ngram_matches"], 1, 2
     )  # fmt: skip
     assert prepared.num_train_rows + prepared.num_heldout_rows == 150 - report["rows_removed"]
+
+
+def test_kept_rows_stream_to_disk_not_memory(tmp_path):
+    """Quality checks, dedupe, decontamination and the split hold digests and offsets, not the
+    rows: 80 MB of distinct rows pass through with a Python peak far below their size, and
+    the spooled files hold every row once, on its side of the hashed split."""
+    import tracemalloc
+
+    from factory.data.contamination import ContaminationCheck
+    from factory.data.packing import jsonl_texts
+    from factory.data.prepare import _spool_rows
+    from factory.data.quality import QualityReport, iter_clean_rows
+    from factory.data.split import is_heldout
+
+    spec = spec_for([{"uri": "a.jsonl"}, {"uri": "b.jsonl"}])
+    n, width = 20_000, 4000
+    poisoned = " ".join(["benchmark item words"] * 6)
+
+    def rows():
+        for i in range(n):
+            text = f"row {i:06d} " + ("lorem ipsum dolor " * (width // 18))[: width - 11]
+            yield i % 2, poisoned if i == 7 else text
+
+    report = QualityReport()
+    check = ContaminationCheck([poisoned])
+    tracemalloc.start()
+    split = _spool_rows(iter_clean_rows(rows(), 20, report), check, spec, tmp_path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert report.rows_kept == n and check.report().flagged == frozenset({7})
+    assert peak < 16_000_000, f"{peak} bytes held for {n * width} bytes of rows"
+    held = list(jsonl_texts(tmp_path / "heldout.jsonl"))
+    train = list(jsonl_texts(tmp_path / "train.jsonl"))
+    assert len(held) + len(train) == n - 1 == split.train_rows + split.heldout_rows
+    assert all(is_heldout(t, spec.seed, 0.2) for t in held[:50])
+    assert not any(is_heldout(t, spec.seed, 0.2) for t in train[:50])
+    assert [len(offsets) for offsets in split.train_offsets] == [
+        sum(1 for t in train if int(t[4:10]) % 2 == source) for source in (0, 1)
+    ]

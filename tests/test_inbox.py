@@ -226,3 +226,47 @@ def test_inbox_to_gate_binds_signer_folder_and_commission(tmp_path):
     assert {k: d.reason for k, d in decisions.items()} == {
         "fresh": None, "replayed": Reason.LATE, "planted": Reason.WRONG_FOLDER
     }  # fmt: skip
+
+
+def test_arrivals_watched_while_lines_train_keep_the_first_uploader_first(tmp_path):
+    """A candidate uploaded while the lines train keeps its place against a copy uploaded
+    later under an earlier-sorting name with a forged earlier store time (seen by the watch,
+    not only at collection time, where the forged time would put the copy first)."""
+    from factory.inbox import ARRIVALS, watching_arrivals
+
+    store = open_store(tmp_path / "objects")
+    staging = tmp_path / "staging"
+
+    def recorded() -> set[str]:
+        path = staging / ARRIVALS
+        return set(json.loads(path.read_text())) if path.is_file() else set()
+
+    with watching_arrivals(store, "e1", 3, staging, every_s=0.05):
+        assert recorded() == set()  # looked once on entry: nothing yet
+        _put_candidate(store, "zed-1")
+        deadline = time.monotonic() + 30
+        while "zed/zed-1" not in recorded():
+            assert time.monotonic() < deadline, "the watch never recorded zed-1"
+            time.sleep(0.05)
+        time.sleep(0.02)  # a later moment for the copy (timestamps are microseconds)
+        _put_candidate(store, "aaa-1")
+        for path in (tmp_path / "objects" / PREFIX / "aaa" / "aaa-1").iterdir():
+            os.utime(path, (1.0e9, 1.0e9))
+    scan = scan_inbox(store, "e1", 3, datetime.now(UTC) + timedelta(minutes=1), staging)
+    assert [p.name for p in scan.accepted] == ["zed-1", "aaa-1"]
+    # Without the watch both are first seen by the one scan, and the forged time decides.
+    unwatched = scan_inbox(store, "e1", 3, datetime.now(UTC) + timedelta(minutes=1),
+                           tmp_path / "unwatched")  # fmt: skip
+    assert [p.name for p in unwatched.accepted] == ["aaa-1", "zed-1"]
+
+
+def test_an_unreachable_store_never_fails_the_watch(tmp_path, caplog):
+    from factory.inbox import watching_arrivals
+
+    class Down:
+        def list(self, prefix):
+            raise ConnectionError("store unreachable")
+
+    with watching_arrivals(Down(), "e1", 3, tmp_path / "staging", every_s=0.01):
+        time.sleep(0.1)
+    assert "inbox arrivals not recorded: store unreachable" in caplog.text

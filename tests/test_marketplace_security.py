@@ -361,3 +361,26 @@ def test_mixtures_are_built_once_per_set_and_kept_by_use(market, monkeypatch):
     before = generator.builds
     generator._mixture(favourite)
     assert generator.builds == before and len(generator._mixtures) == MAX_MIXTURES
+
+
+def test_a_new_mixture_reads_its_experts_without_stopping_decoding(market, monkeypatch):
+    """Composing a set of experts nobody asked for before reads and checks their files outside
+    the decoding lock (other requests keep decoding meanwhile); only composing holds it."""
+    import marketplace.demo
+
+    generator = market.generator
+    names = [entry.name for entry in market.catalog.entries()]
+    handles = [ExpertHandle(n, "1", market.catalog.expert_folder(n, "1")) for n in names[:3]]
+    held_while_reading: list[bool] = []
+    real_load = marketplace.demo.load_expert
+
+    def load(folder):
+        held_while_reading.append(generator._lock.locked())
+        return real_load(folder)
+
+    monkeypatch.setattr(marketplace.demo, "load_expert", load)
+    generator._mixtures.clear()
+    generator._mixture(handles)
+    assert held_while_reading == [False, False, False]
+    tokens = list(generator.stream(handles, "x = ", 3))
+    assert len(tokens) == 3 and len(held_while_reading) == 3  # cached: nothing read again

@@ -49,46 +49,63 @@ def find_contamination(
     rows: Sequence[str], items: Sequence[str], n: int = NGRAM
 ) -> ContaminationReport:
     """Flags every row that equals an item or shares an n-gram with one."""
-    exact_items: dict[str, int] = {}
-    gram_items: dict[tuple[str, ...], int] = {}
-    for item_index, item in enumerate(items):
-        tokens = _tokens(item)
-        if not tokens:
-            continue
-        exact_items.setdefault(" ".join(tokens), item_index)
-        for gram in ngrams(tokens, n):
-            gram_items.setdefault(gram, item_index)
-    flagged: set[int] = set()
-    hit: set[int] = set()
-    exact = by_gram = 0
-    examples: list[dict] = []
+    check = ContaminationCheck(items, n)
     for row_index, row in enumerate(rows):
+        check.flags(row_index, row)
+    return check.report()
+
+
+class ContaminationCheck:
+    """:func:`find_contamination` one row at a time (the rows need not sit in memory): the
+    items' n-grams are indexed once, each row is checked as it comes."""
+
+    def __init__(self, items: Sequence[str], n: int = NGRAM) -> None:
+        self.n, self.items = n, len(items)
+        self.exact_items: dict[str, int] = {}
+        self.gram_items: dict[tuple[str, ...], int] = {}
+        for item_index, item in enumerate(items):
+            tokens = _tokens(item)
+            if not tokens:
+                continue
+            self.exact_items.setdefault(" ".join(tokens), item_index)
+            for gram in ngrams(tokens, n):
+                self.gram_items.setdefault(gram, item_index)
+        self.flagged: set[int] = set()
+        self.hit: set[int] = set()
+        self.exact = self.by_gram = 0
+        self.examples: list[dict] = []
+
+    def flags(self, row_index: int, row: str) -> bool:
+        """True (and recorded) when the row overlaps an item."""
         tokens = _tokens(row)
         match: tuple[str, int, str] | None = None
         key = " ".join(tokens)
-        if key in exact_items:
-            match = ("exact", exact_items[key], key)
-        else:
-            for gram in ngrams(tokens, n):
-                if gram in gram_items:
-                    match = ("ngram", gram_items[gram], " ".join(gram))
+        if key in self.exact_items:
+            match = ("exact", self.exact_items[key], key)
+        elif self.gram_items:
+            for gram in ngrams(tokens, self.n):
+                if gram in self.gram_items:
+                    match = ("ngram", self.gram_items[gram], " ".join(gram))
                     break
         if match is None:
-            continue
+            return False
         kind, item_index, evidence = match
-        flagged.add(row_index)
-        hit.add(item_index)
-        exact += kind == "exact"
-        by_gram += kind == "ngram"
-        if len(examples) < MAX_EXAMPLES:
-            examples.append(
+        self.flagged.add(row_index)
+        self.hit.add(item_index)
+        self.exact += kind == "exact"
+        self.by_gram += kind == "ngram"
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(
                 {"row": row[:80], "item_index": item_index, "kind": kind, "match": evidence[:80]}
             )
-    return ContaminationReport(
-        flagged=frozenset(flagged),
-        items=len(items),
-        items_hit=len(hit),
-        exact=exact,
-        ngram=by_gram,
-        examples=tuple(examples),
-    )
+        return True
+
+    def report(self) -> ContaminationReport:
+        return ContaminationReport(
+            flagged=frozenset(self.flagged),
+            items=self.items,
+            items_hit=len(self.hit),
+            exact=self.exact,
+            ngram=self.by_gram,
+            examples=tuple(self.examples),
+        )

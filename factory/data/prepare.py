@@ -11,16 +11,21 @@ folder (written with :func:`infra.atomic.committed_dir`, so nothing is half-writ
                num_train_rows, num_heldout_rows, num_train_blocks, num_heldout_blocks,
                heldout_tokens, quality, contamination (+ prepare_key, mixture, token_cap)
 
-Training blocks come from the weighted mixture of sources (:func:`factory.data.split.
-mix_by_weight`), truncated to ``budget.token_cap`` tokens when set; held-out blocks are every
-held-out row once. ``heldout_tokens`` counts held-out row tokens plus one EOS per row.
+Rows are streamed: kept rows are written to files as they are read (a temporary folder beside
+``out_dir``), and the mixture and packing read them back from there, so memory holds two digests
+and an offset per row, never the rows. Training blocks come from the weighted mixture of
+sources (:func:`factory.data.split.mix_order`), truncated to ``budget.token_cap`` tokens when
+set; held-out blocks are every held-out row once. ``heldout_tokens`` counts held-out row tokens
+plus one EOS per row.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+import tempfile
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,13 +33,13 @@ from typing import Any
 import torch
 
 from factory.commission import CommissionSpec, spec_sha256
-from factory.data.contamination import find_contamination
-from factory.data.packing import pack_rows, tokenizer_sha256
-from factory.data.quality import QualityReport, clean_rows
+from factory.data.contamination import ContaminationCheck, ContaminationReport
+from factory.data.packing import jsonl_line, pack_jsonl, tokenizer_sha256
+from factory.data.quality import QualityReport, iter_clean_rows
 from factory.data.sources import SourceFile, dataset_sha256, fetch_sources, iter_rows
-from factory.data.split import mix_by_weight, split_rows
+from factory.data.split import is_heldout, mix_order
 from factory.hashing import json_sha256
-from infra.atomic import atomic_write_json, atomic_write_text, committed_dir, verify_committed
+from infra.atomic import atomic_write_json, committed_dir, verify_committed
 from infra.settings import Settings
 
 DATA_JSON = "data.json"
@@ -102,12 +107,6 @@ def _blocks(folder: Path) -> torch.Tensor:
     return dataset.with_format("torch")[:]["input_ids"].to(torch.long)
 
 
-def _write_jsonl(path: Path, rows: Sequence[str]) -> None:
-    atomic_write_text(
-        path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows)
-    )
-
-
 def _prepare_key(spec: CommissionSpec, data_sha: str, tok_sha: str, items: Sequence[str]) -> str:
     relevant = spec.model_dump(
         mode="json", include={"data", "budget", "heldout", "quality", "seed"}
@@ -148,29 +147,93 @@ def prepare_data(
             return PreparedData.load(out_dir, cache_hit=True)
 
     report = QualityReport()
-    rows = clean_rows(iter_rows(spec, files, settings, report), spec.quality.min_chars, report)
+    contamination = ContaminationCheck(benchmark_items)
+    # Kept rows go to disk as they come (train and held-out files, with each training row's
+    # offset per source for the mixture): memory holds digests and offsets, not the rows.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.rows-") as tmp:
+        spool = Path(tmp)
+        rows = iter_clean_rows(iter_rows(spec, files, settings, report), spec.quality.min_chars,
+                               report)  # fmt: skip
+        split = _spool_rows(rows, contamination, spec, spool)
+        return _prepare_from_spool(
+            spec, settings, base_model_path, out_dir, files, data_sha, tok_sha, key, report,
+            contamination.report(), split, spool,
+        )  # fmt: skip
+
+
+@dataclass
+class _Split:
+    """Where the kept rows were written: byte offsets of each source's training rows in
+    ``train.jsonl`` (in order) and the number of held-out rows in ``heldout.jsonl``."""
+
+    train_offsets: list[array]
+    heldout_rows: int = 0
+
+    @property
+    def train_rows(self) -> int:
+        return sum(len(offsets) for offsets in self.train_offsets)
+
+
+def _spool_rows(
+    rows: Iterable[tuple[int, str]],
+    contamination: ContaminationCheck,
+    spec: CommissionSpec,
+    spool: Path,
+) -> _Split:
+    if not 0.0 < spec.heldout.fraction < 1.0:
+        raise ValueError(
+            f"heldout.fraction: {spec.heldout.fraction} must lie strictly between 0 and 1"
+        )
+    split = _Split([array("q") for _ in spec.data])
+    with open(spool / "train.jsonl", "wb") as train, open(spool / "heldout.jsonl", "wb") as held:
+        for row_index, (source_index, text) in enumerate(rows):
+            if contamination.flags(row_index, text):
+                continue
+            line = jsonl_line(text).encode("utf-8")
+            if is_heldout(text, spec.seed, spec.heldout.fraction):
+                held.write(line)
+                split.heldout_rows += 1
+            else:
+                split.train_offsets[source_index].append(train.tell())
+                train.write(line)
+    return split
+
+
+def _prepare_from_spool(
+    spec: CommissionSpec,
+    settings: Settings,
+    base_model_path: Path,
+    out_dir: Path,
+    files: list[SourceFile],
+    data_sha: str,
+    tok_sha: str,
+    key: str,
+    report: QualityReport,
+    contamination: ContaminationReport,
+    split: _Split,
+    spool: Path,
+) -> PreparedData:
     if report.rows_in == 0:
         raise ValueError("data: the sources hold no rows; add data to the sources")
-    if not rows:
+    if not report.rows_kept:
         raise ValueError(
             f"data: every row was filtered out ({report.summary()}); fix the data or lower "
             "quality.min_chars"
         )
-    contamination = find_contamination([text for _, text in rows], benchmark_items)
-    rows = [row for i, row in enumerate(rows) if i not in contamination.flagged]
-    if not rows:
+    if report.rows_kept == len(contamination.flagged):
         raise ValueError("data: every row overlaps a benchmark item; add uncontaminated data")
-    train, heldout = split_rows(rows, spec.seed, spec.heldout.fraction)
-    if not train:
+    if not split.train_rows:
         raise ValueError(
             "data: no training rows after the split; add data or lower heldout.fraction"
         )
 
     seq_len = spec.budget.seq_len
     cache_root = settings.home / "cache" / "packed"
-    heldout_texts = [text for _, text in heldout]
     heldout_pack = (
-        pack_rows(heldout_texts, base_model_path, seq_len, cache_root) if heldout else None
+        pack_jsonl(spool / "heldout.jsonl", base_model_path, seq_len, cache_root)
+        if split.heldout_rows
+        else None
     )
     heldout_tokens = heldout_pack.num_tokens if heldout_pack else 0
     if heldout_tokens < spec.heldout.min_tokens or not heldout_pack or not heldout_pack.num_blocks:
@@ -178,8 +241,8 @@ def prepare_data(
             f"held-out too small for Proof-of-Loss: {heldout_tokens} tokens < "
             f"{spec.heldout.min_tokens}; add data or raise heldout.fraction"
         )
-    mixed = mix_by_weight(train, spec.source_weights(), spec.seed)
-    train_pack = pack_rows(mixed, base_model_path, seq_len, cache_root)
+    mixed = _write_mixture(spool, split, spec.source_weights(), spec.seed)
+    train_pack = pack_jsonl(spool / "mixed.jsonl", base_model_path, seq_len, cache_root)
     num_train_blocks = train_pack.num_blocks
     if spec.budget.token_cap is not None:
         num_train_blocks = min(num_train_blocks, spec.budget.token_cap // seq_len)
@@ -194,8 +257,8 @@ def prepare_data(
         "file_sha256": {f.uri: f.sha256 for f in files},
         "seq_len": seq_len,
         "tokenizer_sha256": tok_sha,
-        "num_train_rows": len(train),
-        "num_heldout_rows": len(heldout),
+        "num_train_rows": split.train_rows,
+        "num_heldout_rows": split.heldout_rows,
         "num_train_blocks": num_train_blocks,
         "num_heldout_blocks": heldout_pack.num_blocks,
         "heldout_tokens": heldout_tokens,
@@ -203,16 +266,27 @@ def prepare_data(
         "contamination": contamination.to_dict(),
         "prepare_key": key,
         "spec_sha256": spec_sha256(spec),
-        "mixture": {"weights": spec.source_weights(), "train_rows_mixed": len(mixed)},
+        "mixture": {"weights": spec.source_weights(), "train_rows_mixed": mixed},
         "token_cap": spec.budget.token_cap,
     }
     with committed_dir(out_dir, overwrite=True) as tmp:
         _copy_blocks(train_pack.path, tmp / "train", num_train_blocks, train_pack.num_blocks)
         shutil.copytree(heldout_pack.path, tmp / "heldout")
-        _write_jsonl(tmp / "train.jsonl", [text for _, text in train])
-        _write_jsonl(tmp / "heldout.jsonl", heldout_texts)
+        for name in ("train.jsonl", "heldout.jsonl"):
+            shutil.copyfile(spool / name, tmp / name)
         atomic_write_json(tmp / DATA_JSON, meta)
     return PreparedData.load(out_dir, cache_hit=train_pack.cache_hit and heldout_pack.cache_hit)
+
+
+def _write_mixture(spool: Path, split: _Split, weights: Sequence[float], seed: int) -> int:
+    """Writes ``mixed.jsonl``, the training rows in :func:`factory.data.split.mix_order`'s order
+    (read back from ``train.jsonl`` by offset); returns its number of rows."""
+    order = mix_order([len(offsets) for offsets in split.train_offsets], weights, seed)
+    with open(spool / "train.jsonl", "rb") as rows, open(spool / "mixed.jsonl", "wb") as mixed:
+        for source, index in order:
+            rows.seek(split.train_offsets[source][index])
+            mixed.write(rows.readline())
+    return len(order)
 
 
 def _copy_blocks(source: Path, dest: Path, keep: int, total: int) -> None:

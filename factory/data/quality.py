@@ -18,7 +18,7 @@ never echoes the content of a row it refused.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 CHECKS = ("non_utf8", "empty", "too_short", "duplicate", "duplicate_prefix")
@@ -74,9 +74,16 @@ def clean_rows(
     rows: Iterable[tuple[int, str]], min_chars: int, report: QualityReport
 ) -> list[tuple[int, str]]:
     """Applies the checks to (source_index, text) rows; returns the kept rows, stripped."""
+    return list(iter_clean_rows(rows, min_chars, report))
+
+
+def iter_clean_rows(
+    rows: Iterable[tuple[int, str]], min_chars: int, report: QualityReport
+) -> Iterator[tuple[int, str]]:
+    """:func:`clean_rows` one row at a time: what it keeps of the rows is two digests per kept
+    row (the row's and its prefix's), never their text; ``report`` counts as it goes."""
     seen_rows: set[bytes] = set()
-    seen_prefixes: set[str] = set()
-    kept = []
+    seen_prefixes: set[bytes] = set()
     per_source: dict[int, int] = {}
     for source_index, raw in rows:
         report.rows_in += 1
@@ -94,10 +101,9 @@ def clean_rows(
             report.note("duplicate", text, where)
             continue
         seen_rows.add(digest)
-        prefix = text[:PREFIX_CHARS]
+        prefix = hashlib.sha256(text[:PREFIX_CHARS].encode("utf-8")).digest()[:16]
         if len(text) >= PREFIX_CHARS and prefix in seen_prefixes:
             report.note("duplicate_prefix", text, where)
         seen_prefixes.add(prefix)
-        kept.append((source_index, text))
-    report.rows_kept = len(kept)
-    return kept
+        report.rows_kept += 1
+        yield source_index, text

@@ -44,24 +44,33 @@ def split_rows(
 def mix_by_weight(
     rows: Sequence[tuple[int, str]], weights: Sequence[float], seed: int
 ) -> list[str]:
-    """Training texts drawn so source i supplies about weights[i] of the rows, shuffled.
-
-    The total stays the number of input rows; source i gets ``round(w_i * total)`` rows: all of
-    its rows repeated ``target // n_i`` times plus a seeded sample of the remainder (so a small
-    source is repeated and a large one subsampled). A source without rows contributes nothing.
-    """
+    """Training texts drawn so source i supplies about weights[i] of the rows, shuffled
+    (:func:`mix_order` over the rows of each source)."""
     by_source: list[list[str]] = [[] for _ in weights]
     for source_index, text in rows:
         by_source[source_index].append(text)
-    total = len(rows)
+    order = mix_order([len(texts) for texts in by_source], weights, seed)
+    return [by_source[source][index] for source, index in order]
+
+
+def mix_order(counts: Sequence[int], weights: Sequence[float], seed: int) -> list[tuple[int, int]]:
+    """(source, row within the source) pairs of the weighted mixture, shuffled.
+
+    The total stays the number of input rows (``sum(counts)``); source i gets
+    ``round(w_i * total)`` rows: all of its rows repeated ``target // n_i`` times plus a seeded
+    sample of the remainder (so a small source is repeated and a large one subsampled). A source
+    without rows contributes nothing. Only positions are drawn, so the rows themselves can stay
+    on disk.
+    """
+    total = sum(counts)
     rng = random.Random(seed)
-    mixed: list[str] = []
-    for texts, weight in zip(by_source, weights, strict=True):
-        if not texts:
+    order: list[tuple[int, int]] = []
+    for source, (count, weight) in enumerate(zip(counts, weights, strict=True)):
+        if not count:
             continue
         target = round(weight * total)
-        repeats, remainder = divmod(target, len(texts))
-        mixed.extend(texts * repeats)
-        mixed.extend(rng.sample(texts, remainder))
-    rng.shuffle(mixed)
-    return mixed
+        repeats, remainder = divmod(target, count)
+        order.extend((source, i) for _ in range(repeats) for i in range(count))
+        order.extend((source, i) for i in rng.sample(range(count), remainder))
+    rng.shuffle(order)
+    return order

@@ -20,7 +20,11 @@ tracking server (the registry logs the folder through :mod:`infra.tracking`).
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +127,43 @@ def save_expert_model(
     """
     import pandas as pd
 
-    mlflow.pyfunc.save_model(
-        path=str(dest),
-        python_model=ExpertPyfunc(),
-        artifacts={"expert": str(expert_folder)},
-        signature=signature(),
-        input_example=pd.DataFrame({"prompt": [INPUT_EXAMPLE]}),
-        model_config={
-            "base_model_path": str(Path(base_model_path).resolve()) if base_model_path else "",
-            "base_model_sha256": base_model_sha256,
-        },
-        metadata={**metadata, "base_model_sha256": base_model_sha256},
-        # The venv that registers is the venv that serves (--env-manager local); pinning
-        # requirements would make mlflow resolve every installed package on each save.
-        pip_requirements=[],
-    )
+    with warnings.catch_warnings(), _without(logging.getLogger("mlflow.pyfunc"), PICKLE_HINT):
+        # predict's signature is given explicitly (signature()), not inferred from type hints
+        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+        mlflow.pyfunc.save_model(
+            path=str(dest),
+            python_model=ExpertPyfunc(),
+            artifacts={"expert": str(expert_folder)},
+            signature=signature(),
+            input_example=pd.DataFrame({"prompt": [INPUT_EXAMPLE]}),
+            model_config={
+                "base_model_path": str(Path(base_model_path).resolve()) if base_model_path else "",
+                "base_model_sha256": base_model_sha256,
+            },
+            metadata={**metadata, "base_model_sha256": base_model_sha256},
+            # The venv that registers is the venv that serves (--env-manager local); pinning
+            # requirements would make mlflow resolve every installed package on each save.
+            pip_requirements=[],
+        )
     return Path(dest)
+
+
+#: mlflow's advice for a python_model given as an object (pickled with cloudpickle). The pickle
+#: holds the class and no state (the weights are artifacts, the base is model_config); loading
+#: it runs code like any pickle, so the registry's artifact store is trusted as the factory's
+#: own. Printed on every registration, it is dropped from the output.
+PICKLE_HINT = "Passing a Python object as `python_model`"
+
+
+@contextmanager
+def _without(logger: logging.Logger, message_start: str) -> Iterator[None]:
+    class Hint(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith(message_start)
+
+    hint = Hint()
+    logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hint)
