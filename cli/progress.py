@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from contextlib import contextmanager
 
 #: loggers whose records are the stages' progress (Prefect's run loggers)
@@ -52,7 +53,10 @@ class StageDisplay(logging.Handler):
             self.started.setdefault(stage, time.monotonic())
             if message.startswith("Finished in state"):
                 state = message.removeprefix("Finished in state ").rstrip("()")
-                took = time.monotonic() - self.started.pop(stage, time.monotonic())
+                first_seen = self.started.pop(stage, time.monotonic())
+                created = run_created_at(getattr(record, "task_run_id", None))
+                # a task that logs nothing before it ends was first seen at its end
+                took = record.created - created if created else time.monotonic() - first_seen
                 mark = "[green]✓[/]" if state == "Completed" else "[red]✗[/]"
                 self.console.print(f"{mark} {stage} [dim]{state}, {took:.1f} s[/]")
                 return
@@ -61,6 +65,17 @@ class StageDisplay(logging.Handler):
             self.status.update(f"{stage}: {message[:100]}")
         except Exception:  # noqa: BLE001 - a display failure must never fail the command
             self.handleError(record)
+
+
+def run_created_at(run_id: object) -> float | None:
+    """When a Prefect run was created (Unix seconds), read from its id where that is a UUIDv7
+    (its first 48 bits are the creation time in milliseconds; Prefect's task runs have such
+    ids); None otherwise."""
+    try:
+        parsed = uuid.UUID(str(run_id))
+    except ValueError:
+        return None
+    return (parsed.int >> 80) / 1000 if parsed.version == 7 else None
 
 
 @contextmanager

@@ -26,6 +26,8 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,6 +352,23 @@ logging.getLogger("lm_eval.api.task").addFilter(_NoCustomDatasetHint())
 logging.getLogger("lm_eval.models.huggingface").addFilter(_NoLoadedModelHint())
 
 
+@contextmanager
+def _factory_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the current folder as ``git_hash`` (and git prints
+    "fatal: not a git repository" to the terminal outside one): the results record the
+    factory's code version instead (:func:`factory.library.provenance.code_version`)."""
+    import lm_eval.evaluator
+
+    from factory.library.provenance import code_version
+
+    own = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = code_version
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = own
+
+
 def run_benchmarks(
     base_model_path: Path,
     models: dict[str, Any],
@@ -379,18 +398,19 @@ def run_benchmarks(
     dtypes: dict[str, str] = {}
     for name, spec in models.items():
         lm, dtypes[name] = _make_lm(Path(base_model_path), spec, config.batch_size)
-        output = simple_evaluate(
-            model=lm,
-            tasks=list(config.tasks),
-            task_manager=manager,
-            limit=config.limit,
-            bootstrap_iters=0,
-            log_samples=False,
-            random_seed=0,
-            numpy_random_seed=1234,
-            torch_random_seed=1234,
-            fewshot_random_seed=1234,
-        )
+        with _factory_git_hash():
+            output = simple_evaluate(
+                model=lm,
+                tasks=list(config.tasks),
+                task_manager=manager,
+                limit=config.limit,
+                bootstrap_iters=0,
+                log_samples=False,
+                random_seed=0,
+                numpy_random_seed=1234,
+                torch_random_seed=1234,
+                fewshot_random_seed=1234,
+            )
         del lm
         results = output["results"]
         table[name] = {task: _clean_metrics(results[task]) for task in config.tasks}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,9 +126,7 @@ def save_expert_model(
     """
     import pandas as pd
 
-    with warnings.catch_warnings(), _without(logging.getLogger("mlflow.pyfunc"), PICKLE_HINT):
-        # predict's signature is given explicitly (signature()), not inferred from type hints
-        warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+    with _without(logging.getLogger("mlflow.pyfunc"), PICKLE_HINT):
         mlflow.pyfunc.save_model(
             path=str(dest),
             python_model=ExpertPyfunc(),
