@@ -12,9 +12,10 @@ to ``run.log``. :meth:`CommissionDesk.commissions_of` reads each submission's st
 commission store (matched on the spec's sha256), "starting" until intake records it.
 
 The customer of such a commission is the buyer id; "private" is an exclusive commission: its
-expert is registered as private, and once registered the buyer's account page
-claims its exclusive licence for them (:meth:`marketplace.market.Market.claim_commissioned`), so
-that nobody else ever sees it and they can use and download it.
+expert is registered as private, and once registered the buyer's first look at it (the account
+page, the catalog or the API) claims its exclusive licence for them
+(:meth:`marketplace.market.Market.claim_commissioned`), so that nobody else ever sees it and
+they can use and download it.
 """
 
 from __future__ import annotations

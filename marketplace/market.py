@@ -113,11 +113,34 @@ class Market:
         entry = self.catalog.get(name)
         if entry is None:
             return None
-        return entry if _shown(entry, self.licensing.exclusive_owner(name), buyer_id) else None
+        owner = self._claimed(entry, self.licensing.exclusive_owner(name), buyer_id)
+        return entry if _shown(entry, owner, buyer_id) else None
 
     def visible_entries(self, buyer_id: str | None) -> list[CatalogEntry]:
         owners = self.licensing.exclusive_experts()
-        return [e for e in self.catalog.entries() if _shown(e, owners.get(e.name), buyer_id)]
+        return [
+            e
+            for e in self.catalog.entries()
+            if _shown(e, self._claimed(e, owners.get(e.name), buyer_id), buyer_id)
+        ]
+
+    def _claimed(
+        self, entry: CatalogEntry, exclusive_owner: str | None, buyer_id: str | None
+    ) -> str | None:
+        """The expert's exclusive holder, after the first look of the buyer who commissioned a
+        private expert nobody holds yet: that look claims it (whether from a page or the API),
+        so a commissioning buyer never has to open their account page first."""
+        from factory.customer import OWNER_TAG, customer_id_for
+
+        unclaimed_own = (
+            entry.private
+            and exclusive_owner is None
+            and buyer_id is not None
+            and entry.tags.get(OWNER_TAG) == customer_id_for(buyer_id)
+        )
+        if unclaimed_own and self.claim_commissioned(buyer_id, entry.name):
+            return buyer_id
+        return exclusive_owner
 
     def claim_commissioned(self, buyer_id: str, name: str) -> bool:
         """Grants the buyer who commissioned the private expert ``name`` its exclusive licence

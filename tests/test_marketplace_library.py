@@ -167,13 +167,15 @@ def test_library_experts_appear_with_provenance(tiny_base, tmp_path, taas_home, 
         )
         assert client.get("/experts/secret-lib").status_code == 404
     buyer = market.licensing.create_buyer("Acme")
-    # The private expert: nobody sees it, not even its owner, until the owner claims it; then
-    # only they do, holding its exclusive licence; nobody else can claim or license it.
-    assert [e.name for e in market.visible_entries(tax_buyer)] == ["law-lib"]
+    # The private expert: nobody else sees, claims or licenses it; its owner's first look
+    # (here the API's lookup, before any account page) claims its exclusive licence, no fee.
     assert market.claim_commissioned(buyer, "secret-lib") is False
     assert market.claim_commissioned(buyer, "law-lib") is False  # public: nothing to claim
     assert market.visible("secret-lib", buyer) is None
-    assert market.claim_commissioned(tax_buyer, "secret-lib") is True
+    assert [e.name for e in market.visible_entries(buyer)] == ["law-lib"]
+    assert market.licensing.exclusive_owner("secret-lib") is None
+    assert market.visible("secret-lib", tax_buyer).private
+    assert market.licensing.exclusive_owner("secret-lib") == tax_buyer
     assert market.claim_commissioned(tax_buyer, "secret-lib") is True  # a repeat: no new licence
     assert [(lic.expert_name, lic.kind) for lic in market.licensing.licences_of(tax_buyer)] == [
         ("secret-lib", "exclusive")
