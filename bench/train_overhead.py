@@ -1,12 +1,16 @@
 """Overhead of the factory's training worker over a plain peft + torch DDP loop.
 
-Both run on the same tiny base, LoRA config, micro-batch and process count (torchrun, gloo on
-CPU), alternating ``--rounds`` times; the per-step time is the median over steps after
-``--skip`` warm-up steps of (wall time of forward + backward + optimizer step) on rank 0.
-Prints both medians, their ratio factory / plain, each round's ratio and the median of those
-(goal: <= 1.05)::
+Both run on the same base (``--base``: a preset name, default ``tiny``, or a base model folder
+such as the imported SmolLM2 under ``.taas/base``), LoRA config, micro-batch, sequence length
+and process count (torchrun, gloo on CPU), alternating ``--rounds`` times; the per-step time is
+the median over steps after ``--skip`` warm-up steps of (wall time of forward + backward +
+optimizer step) on rank 0. Prints both medians, their ratio factory / plain, each round's
+ratio and the median of those (goal: <= 1.05)::
 
     python -m bench.train_overhead --home .cache/test --steps 30 --rounds 3
+    python -m bench.train_overhead --base .taas/base/gguf-<sha> --seq-len 128 --steps 8 --skip 2
+
+Training tokens/s (both ranks) are printed beside the step times.
 """
 
 from __future__ import annotations
@@ -76,13 +80,13 @@ def plain_worker(config_path: Path) -> None:
     dist.barrier()
 
 
-def _step_times(metrics: list[dict], skip: int) -> list[float]:
+def _step_times(metrics: list[dict], skip: int, seq_len: int) -> list[float]:
     times = []
     for m in metrics[skip:]:
         if "step_s" in m:
             times.append(m["step_s"])
         else:  # factory worker: tokens_per_s over this step's world * micro-batch * seq_len
-            times.append(WORLD * MICRO_BATCH * 64 / m["tokens_per_s"])
+            times.append(WORLD * MICRO_BATCH * seq_len / m["tokens_per_s"])
     return times
 
 
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--base", default="tiny", help="a preset name or a base model folder")
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--plain-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_worker:
@@ -101,20 +107,24 @@ def main() -> None:
 
     from datasets import Dataset
 
-    from factory.base_model import ensure_base_model, load_base
+    from factory.base_model import PRESETS, ensure_base_model, folder_ref, load_base
     from factory.corpus import general_text
     from factory.signing import load_or_create_key
     from infra.launcher import launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ref = ensure_base_model(args.home, "tiny", log=lambda *_: None)
+    if args.base in PRESETS:
+        ref = ensure_base_model(args.home, args.base, log=lambda *_: None)
+    else:
+        ref = folder_ref(Path(args.base))
+    width = args.seq_len
     work = Path(tempfile.mkdtemp(prefix="taas-bench-"))
     _, tokenizer = load_base(ref.path)
     flat: list[int] = []
-    for text in general_text(max_chars=60_000):
+    for text in general_text(max_chars=60_000 * max(1, width // 64)):
         flat.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-    blocks = [flat[i : i + 64] for i in range(0, len(flat) - 63, 64)][:256]
+    blocks = [flat[i : i + width] for i in range(0, len(flat) - width + 1, width)][:256]
     Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(work / "data" / "train"))
     load_or_create_key(work / "k.pem")
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -141,11 +151,10 @@ def main() -> None:
             result = launch(worker_args, WORLD, env=env, worker_module=module, timeout_s=600)
             if result.outcome != "ok" and name == "factory":
                 sys.exit(f"{name} run failed: {result.reason}")
-            medians[name].append(statistics.median(_step_times(result.metrics, args.skip)))
-            print(
-                f"round {round_index} {name}: median step {medians[name][-1] * 1e3:.1f} ms",
-                flush=True,
-            )
+            step_s = statistics.median(_step_times(result.metrics, args.skip, width))
+            medians[name].append(step_s)
+            print(f"round {round_index} {name}: median step {step_s * 1e3:.1f} ms, "
+                  f"{WORLD * MICRO_BATCH * width / step_s:.0f} tokens/s", flush=True)  # fmt: skip
     factory_ms = statistics.median(medians["factory"]) * 1e3
     plain_ms = statistics.median(medians["plain"]) * 1e3
     # The machine's speed drifts between rounds; a round's two runs are neighbours in time, so
@@ -155,6 +164,9 @@ def main() -> None:
                       "ratio": round(factory_ms / plain_ms, 3),
                       "round_ratios": [round(r, 3) for r in ratios],
                       "median_round_ratio": round(statistics.median(ratios), 3),
+                      "factory_tokens_s": round(WORLD * MICRO_BATCH * width / factory_ms * 1e3, 1),
+                      "plain_tokens_s": round(WORLD * MICRO_BATCH * width / plain_ms * 1e3, 1),
+                      "base": ref.name, "seq_len": width,
                       "world": WORLD, "zero_stage": args.zero_stage}))  # fmt: skip
 
 

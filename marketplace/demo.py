@@ -8,11 +8,16 @@ As in :func:`factory.mixture.generate_with_routes`, a token's route is the major
 of the top-1 route at the position that predicted it; ``"base"`` is the mixture's null route
 (the base model alone). The model is shared between requests, so each decoding step runs under
 one lock; a mixture is composed once per set of experts (least recently used dropped).
+Whole completions (:meth:`RoutedGenerator.complete`, the completions API) of one set of experts
+that arrive within :data:`BATCH_WINDOW_S` of each other decode together, as one left-padded
+batch with one KV cache: one forward per step for all of them instead of one each. Routing is
+per token, so a row's routes and tokens are what it would get alone.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +30,8 @@ from factory.expert import load_expert
 from factory.mixture import BASE_ROUTE, MixtureModel, mixture_of, stream_routes
 
 MAX_MIXTURES = 16  # expert sets kept composed; each shares the base model
+BATCH_WINDOW_S = 0.01  # how long the first of a batch waits for others to join it
+MAX_BATCH = 8  # rows decoded together; more waiting requests decode in further batches
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,17 @@ class ExpertHandle:
     folder: Path
 
 
+@dataclass
+class _Waiting:
+    """One completion waiting to be decoded with others of the same experts."""
+
+    ids: list[int]
+    max_new_tokens: int
+    done: threading.Event
+    tokens: list[RoutedToken] | None = None
+    error: BaseException | None = None
+
+
 class RoutedGenerator:
     def __init__(
         self, base_path: Path, max_prompt_tokens: int, max_new_tokens: int, top_k: int = 2
@@ -59,7 +77,9 @@ class RoutedGenerator:
         self._lock = threading.Lock()  # decoding: a forward patches the shared base's MLPs
         self._cache_lock = threading.Lock()  # the mixture cache only, never during a forward
         self._building: dict[tuple[Path, ...], threading.Lock] = {}
+        self._waiting: dict[tuple[Path, ...], list[_Waiting]] = {}  # under _cache_lock
         self.builds = 0  # mixtures built so far (read by tests and metrics)
+        self.batches = 0  # batches decoded by complete() (read by tests and metrics)
 
     def prompt_ids(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:
         """Token ids of a prompt (``chat``: one user turn through the base's chat template; a
@@ -135,14 +155,98 @@ class RoutedGenerator:
             with self._lock, torch.inference_mode():
                 step = next(steps)
             token = int(step.token_ids_B[0])
-            route = mixture.route_name(int(step.route_ids_B[0]))
             if token == eos:
                 break
             generated.append(token)
             text = self.tokenizer.decode(generated)
             piece, text_so_far = text[len(text_so_far) :], text
-            if route == BASE_ROUTE:
-                yield RoutedToken(token, piece, BASE_ROUTE, self.base_name)
-            else:
-                handle = by_route[route]
-                yield RoutedToken(token, piece, handle.name, handle.version)
+            yield self._routed(token, piece, mixture.route_name(int(step.route_ids_B[0])), by_route)
+
+    def _routed(
+        self, token: int, piece: str, route: str, by_route: dict[str, ExpertHandle]
+    ) -> RoutedToken:
+        if route == BASE_ROUTE:
+            return RoutedToken(token, piece, BASE_ROUTE, self.base_name)
+        handle = by_route[route]
+        return RoutedToken(token, piece, handle.name, handle.version)
+
+    def complete(
+        self,
+        handles: list[ExpertHandle],
+        prompt: str | list[dict[str, str]],
+        max_new_tokens: int,
+        chat: bool = False,
+    ) -> tuple[int, list[RoutedToken]]:
+        """A whole completion, (prompt tokens, tokens), as :meth:`stream` gives it; decoded in
+        one batch with the completions of the same experts that arrive together (see the
+        module doc). The first to arrive waits :data:`BATCH_WINDOW_S` and decodes for all."""
+        if not handles:
+            raise ValueError("model: no expert to generate with")
+        if not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"max_tokens: must be between 1 and {self.max_new_tokens}")
+        ids = self.prompt_ids(prompt, chat)
+        mine = _Waiting(ids, max_new_tokens, threading.Event())
+        key = tuple(sorted(handle.folder for handle in handles))
+        with self._cache_lock:
+            waiting = self._waiting.setdefault(key, [])
+            waiting.append(mine)
+            first = len(waiting) == 1
+        if first:
+            time.sleep(BATCH_WINDOW_S)  # the others of this batch join meanwhile
+            with self._cache_lock:
+                batch = self._waiting.pop(key)
+            for start in range(0, len(batch), MAX_BATCH):
+                rows = batch[start : start + MAX_BATCH]
+                try:
+                    self._decode_together(handles, rows)
+                except BaseException as exc:  # every row of it is told, not left waiting
+                    for row in rows:
+                        row.error = exc
+                finally:
+                    for row in rows:
+                        row.done.set()
+        mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+        return len(ids), mine.tokens or []
+
+    def _decode_together(self, handles: list[ExpertHandle], rows: list[_Waiting]) -> None:
+        """Greedy decoding of the rows as one left-padded batch; each row ends at its EOS (not
+        kept) or after its own ``max_new_tokens``."""
+        mixture, by_route = self._mixture(handles)
+        width = max(len(row.ids) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        ids_BT = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows])
+        mask_BT = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows])
+        longest = max(row.max_new_tokens for row in rows)
+        steps = stream_routes(mixture, ids_BT, mask_BT, max_new_tokens=longest)
+        eos = self.tokenizer.eos_token_id
+        new_ids: list[list[int]] = [[] for _ in rows]
+        routes: list[list[int]] = [[] for _ in rows]
+        open_rows = [True] * len(rows)
+        for _ in range(longest):
+            with self._lock, torch.inference_mode():  # one step per hold, as in stream()
+                step = next(steps)
+            for i, (token, route) in enumerate(
+                zip(step.token_ids_B.tolist(), step.route_ids_B.tolist(), strict=True)
+            ):
+                if not open_rows[i]:
+                    continue
+                if token == eos:
+                    open_rows[i] = False
+                    continue
+                new_ids[i].append(token)
+                routes[i].append(route)
+                open_rows[i] = len(new_ids[i]) < rows[i].max_new_tokens
+            if not any(open_rows):
+                break
+        with self._cache_lock:
+            self.batches += 1
+        for row, ids, row_routes in zip(rows, new_ids, routes, strict=True):
+            tokens, text_so_far = [], ""
+            for n, (token, route) in enumerate(zip(ids, row_routes, strict=True), start=1):
+                text = self.tokenizer.decode(ids[:n])
+                piece, text_so_far = text[len(text_so_far) :], text
+                tokens.append(self._routed(token, piece, mixture.route_name(route), by_route))
+            row.tokens = tokens

@@ -177,14 +177,12 @@ class Market:
         self, entries: list[CatalogEntry], prompt: str | list[dict[str, str]], max_tokens: int
     ) -> Routed:
         """Greedy completion of a prompt (plain text) or of chat messages (through the base's
-        chat template) with the entries' mixture."""
+        chat template) with the entries' mixture; batched with the completions of the same
+        experts that arrive together (:meth:`RoutedGenerator.complete`)."""
         handles = [self.handle(entry) for entry in entries]
-        prompt_tokens = len(self.generator.prompt_ids(prompt))
-        pieces, routes = [], []
-        for token in self.generator.stream(handles, prompt, max_tokens):
-            pieces.append(token.text)
-            routes.append((token.expert, token.version))
-        return Routed("".join(pieces), prompt_tokens, routes)
+        prompt_tokens, tokens = self.generator.complete(handles, prompt, max_tokens)
+        routes = [(token.expert, token.version) for token in tokens]
+        return Routed("".join(token.text for token in tokens), prompt_tokens, routes)
 
     def api_keys(self, buyer_id: str) -> list[KeyRecord]:
         """The buyer's keys, oldest first."""
