@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 MODEL_ARTIFACT = "model"  # the run artifact folder that holds the MLflow model
 INPUT_EXAMPLE = "Summarize the licensee's obligations in one sentence."
@@ -61,8 +62,9 @@ class ExpertPyfunc(mlflow.pyfunc.PythonModel):
         self.tokenizer = tokenizer
         self.model = PeftModel.from_pretrained(base, context.artifacts["expert"]).eval()
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+    # A DataFrame hint tells mlflow not to infer a schema from the hints (the signature is
+    # given explicitly, see signature()); without any hint it warns on every definition.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         import torch
 
         from factory.base_model import format_prompt
@@ -88,8 +90,6 @@ class ExpertPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _prompts(model_input) -> list[str]:
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         if "prompt" not in model_input.columns:
             raise ValueError("prompt: the input table needs a string column 'prompt'")
@@ -124,8 +124,6 @@ def save_expert_model(
     ``base_model_path`` may be None when this machine has no base folder: loading then needs
     ``model_config={'base_model_path': ...}`` or ``TAAS_BASE_MODEL_DIR``.
     """
-    import pandas as pd
-
     with _without(logging.getLogger("mlflow.pyfunc"), PICKLE_HINT):
         mlflow.pyfunc.save_model(
             path=str(dest),
