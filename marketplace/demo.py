@@ -140,10 +140,7 @@ class RoutedGenerator:
         chat: bool = False,
     ) -> Iterator[RoutedToken]:
         """Greedy tokens one at a time, each with the expert it was routed to."""
-        if not handles:
-            raise ValueError("model: no expert to generate with")
-        if not 1 <= max_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"max_tokens: must be between 1 and {self.max_new_tokens}")
+        self._check_request(handles, max_new_tokens)
         ids = self.prompt_ids(prompt, chat)
         generated: list[int] = []
         text_so_far = ""
@@ -158,9 +155,20 @@ class RoutedGenerator:
             if token == eos:
                 break
             generated.append(token)
-            text = self.tokenizer.decode(generated)
-            piece, text_so_far = text[len(text_so_far) :], text
+            piece, text_so_far = self._next_piece(generated, text_so_far)
             yield self._routed(token, piece, mixture.route_name(int(step.route_ids_B[0])), by_route)
+
+    def _check_request(self, handles: list[ExpertHandle], max_new_tokens: int) -> None:
+        if not handles:
+            raise ValueError("model: no expert to generate with")
+        if not 1 <= max_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"max_tokens: must be between 1 and {self.max_new_tokens}")
+
+    def _next_piece(self, generated: list[int], text_so_far: str) -> tuple[str, str]:
+        """(the text the newest of ``generated`` adds, the whole text so far): decoding the
+        whole prefix, since one token alone may decode to part of a character."""
+        text = self.tokenizer.decode(generated)
+        return text[len(text_so_far) :], text
 
     def _routed(
         self, token: int, piece: str, route: str, by_route: dict[str, ExpertHandle]
@@ -180,10 +188,7 @@ class RoutedGenerator:
         """A whole completion, (prompt tokens, tokens), as :meth:`stream` gives it; decoded in
         one batch with the completions of the same experts that arrive together (see the
         module doc). The first to arrive waits :data:`BATCH_WINDOW_S` and decodes for all."""
-        if not handles:
-            raise ValueError("model: no expert to generate with")
-        if not 1 <= max_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"max_tokens: must be between 1 and {self.max_new_tokens}")
+        self._check_request(handles, max_new_tokens)
         ids = self.prompt_ids(prompt, chat)
         mine = _Waiting(ids, max_new_tokens, threading.Event())
         key = tuple(sorted(handle.folder for handle in handles))
@@ -246,7 +251,6 @@ class RoutedGenerator:
         for row, ids, row_routes in zip(rows, new_ids, routes, strict=True):
             tokens, text_so_far = [], ""
             for n, (token, route) in enumerate(zip(ids, row_routes, strict=True), start=1):
-                text = self.tokenizer.decode(ids[:n])
-                piece, text_so_far = text[len(text_so_far) :], text
+                piece, text_so_far = self._next_piece(ids[:n], text_so_far)
                 tokens.append(self._routed(token, piece, mixture.route_name(route), by_route))
             row.tokens = tokens

@@ -130,15 +130,7 @@ class Market:
         """The expert's exclusive holder, after the first look of the buyer who commissioned a
         private expert nobody holds yet: that look claims it (whether from a page or the API),
         so a commissioning buyer never has to open their account page first."""
-        from factory.customer import OWNER_TAG, customer_id_for
-
-        unclaimed_own = (
-            entry.private
-            and exclusive_owner is None
-            and buyer_id is not None
-            and entry.tags.get(OWNER_TAG) == customer_id_for(buyer_id)
-        )
-        if unclaimed_own and self.claim_commissioned(buyer_id, entry.name):
+        if exclusive_owner is None and buyer_id is not None and self._claim(entry, buyer_id):
             return buyer_id
         return exclusive_owner
 
@@ -146,17 +138,18 @@ class Market:
         """Grants the buyer who commissioned the private expert ``name`` its exclusive licence
         (no fee: the commission paid for it); True when they hold it. Only the expert's owner
         (the customer id registration recorded) can claim it; a repeat is a no-op."""
+        entry = self.catalog.get(name)
+        return entry is not None and self._claim(entry, buyer_id)
+
+    def _claim(self, entry: CatalogEntry, buyer_id: str) -> bool:
         from factory.customer import OWNER_TAG, customer_id_for
 
-        entry = self.catalog.get(name)
-        if entry is None or not entry.private:
-            return False
-        if entry.tags.get(OWNER_TAG) != customer_id_for(buyer_id):
+        if not entry.private or entry.tags.get(OWNER_TAG) != customer_id_for(buyer_id):
             return False
         try:
-            self.licensing.grant(buyer_id, name, entry.champion, "exclusive")
+            self.licensing.grant(buyer_id, entry.name, entry.champion, "exclusive")
         except ValueError:  # someone else was granted a licence on it: never taken from them
-            log.warning("private expert %s has another licensee; not claimed", name)
+            log.warning("private expert %s has another licensee; not claimed", entry.name)
             return False
         return True
 
