@@ -2,8 +2,9 @@
 generation tokens/s with the KV cache against the base's own ``generate``, and the forward's peak
 memory at E = 64 against E = 1.
 
-Bases: the embedded presets (``--preset tiny demo``, built once by ensure_base_model under
-``--home``) and, with ``--base PATH``, any plain Hugging Face folder (e.g. SmolLM2-135M). Experts
+Bases: the presets (``--preset tiny demo smollm2-135m-instruct``: the toys built once, the real
+default imported once from its GGUF, under ``--home``) and, with ``--base PATH``, any plain
+Hugging Face folder. Experts
 are random rank-8 LoRAs on gate/up/down with random router rows: speed does not depend on the
 values, and random rows spread the tokens over every expert (the grouped path's worst case for
 the number of matmuls). Within a round every model runs once, in an order that rotates from round
@@ -33,10 +34,12 @@ from pathlib import Path
 
 import torch
 
-from factory.base_model import PRESETS, ensure_base_model, load_base
+from factory.base_model import PRESETS, REAL_PRESETS, load_base, resolve_base_model
+from factory.commission import BaseModelSection
 from factory.expert import LORA_TARGETS, Expert, ExpertManifest, adapter_key, lora_config_dict
 from factory.hashing import tensors_sha256
 from factory.mixture import MixtureModel, stream_routes
+from infra.settings import Settings
 
 SIZES = (1, 4, 16, 64)
 PROMPT_TOKENS = 32
@@ -203,7 +206,9 @@ def bench_memory(base_path: Path, batch: int, seq: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", nargs="*", default=["tiny", "demo"], choices=sorted(PRESETS))
+    parser.add_argument(
+        "--preset", nargs="*", default=["tiny", "demo"], choices=sorted([*PRESETS, *REAL_PRESETS])
+    )
     parser.add_argument("--base", type=Path, default=None, help="a plain Hugging Face folder")
     parser.add_argument("--home", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -217,7 +222,11 @@ def main() -> None:
     if args.memory_probe is not None:
         print(json.dumps(memory_probe(args.base, args.memory_probe, args.batch, args.seq)))
         return
-    folders = [ensure_base_model(args.home, name, log=print).path for name in args.preset]
+    settings = Settings(home=args.home)
+    folders = [
+        resolve_base_model(BaseModelSection(preset=name), settings, log=print).path
+        for name in args.preset
+    ]
     if args.base is not None:
         if not (args.base / "config.json").is_file():
             raise SystemExit(f"--base: {args.base} is not a model folder (no config.json)")
