@@ -3,17 +3,16 @@ generation tokens/s with the KV cache against the base's own ``generate``, and t
 memory at E = 64 against E = 1.
 
 Bases: the presets (``--preset tiny demo smollm2-135m-instruct``: the toys built once, the real
-default imported once from its GGUF, under ``--home``) and, with ``--base PATH``, any plain
-Hugging Face folder. Experts
-are random rank-8 LoRAs on gate/up/down with random router rows: speed does not depend on the
-values, and random rows spread the tokens over every expert (the grouped path's worst case for
-the number of matmuls). Within a round every model runs once, in an order that rotates from round
-to round, so load from other processes hits all alike; each round gives ratios against the base
-measured in the same round, and the medians of those per-round ratios are printed. Each thread
-count (``torch.set_num_threads``) is a block of its own. Memory is measured in a fresh process per
-size: the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
-resident set just before one forward. Goals: E=64 >= 0.7x base, E=64 >= 0.9x E=1, generation
->= 0.7x the base's generate, E=64's forward peak <= E=1's plus the stacked factors.
+default imported once from its GGUF, under ``--home``) and, with ``--base PATH``, any plain Hugging
+Face folder. Experts are random rank-8 LoRAs on gate/up/down with random router rows: speed does
+not depend on the values, and random rows spread the tokens over every expert (the grouped path's
+worst case for the number of matmuls). Within a round every model runs once, in an order that
+rotates from round to round, so load from other processes hits all alike; each round gives ratios
+against the base measured in the same round, and the medians of those per-round ratios are printed.
+Each thread count (``torch.set_num_threads``) is a block of its own. Memory is measured in a fresh
+process per size: the rise of the peak resident set (VmHWM, reset through /proc/self/clear_refs)
+over the resident set just before one forward. Goals: E=64 >= 0.7x base, E=64 >= 0.9x E=1,
+generation >= 0.7x the base's generate, E=64's forward peak <= E=1's plus the stacked factors.
 
     python -m bench.mixture_throughput [--preset tiny demo] [--base PATH] [--threads 1 2]
         [--rounds 7] [--batch 8] [--seq 128] [--new-tokens 32] [--no-memory]
