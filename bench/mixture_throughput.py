@@ -14,8 +14,8 @@ process per size: the rise of the peak resident set (VmHWM, reset through /proc/
 over the resident set just before one forward. Goals: E=64 >= 0.7x base, E=64 >= 0.9x E=1,
 generation >= 0.7x the base's generate, E=64's forward peak <= E=1's plus the stacked factors.
 
-    python -m bench.mixture_throughput [--preset tiny demo] [--base PATH] [--threads 1 2]
-        [--rounds 7] [--batch 8] [--seq 128] [--new-tokens 32] [--no-memory]
+    python -m bench.mixture_throughput [--preset tiny demo smollm2-135m-instruct] [--base PATH]
+        [--threads 1 2] [--rounds 7] [--batch 8] [--seq 128] [--new-tokens 32] [--no-memory]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from factory.commission import BaseModelSection
 from factory.expert import LORA_TARGETS, Expert, ExpertManifest, adapter_key, lora_config_dict
 from factory.hashing import tensors_sha256
 from factory.mixture import MixtureModel, stream_routes
-from infra.settings import Settings
+from infra.settings import get_settings
 
 SIZES = (1, 4, 16, 64)
 PROMPT_TOKENS = 32
@@ -221,7 +221,8 @@ def main() -> None:
     if args.memory_probe is not None:
         print(json.dumps(memory_probe(args.base, args.memory_probe, args.batch, args.seq)))
         return
-    settings = Settings(home=args.home)
+    # The operator's TAAS_BASE_MODEL_DIR would replace every preset: each preset is its own base.
+    settings = get_settings(home=args.home, base_model_dir=None)
     folders = [
         resolve_base_model(BaseModelSection(preset=name), settings, log=print).path
         for name in args.preset
