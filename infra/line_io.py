@@ -39,14 +39,16 @@ def _canonical(obj: object) -> bytes:
 
 def tree_manifest(folder: Path, include: tuple[str, ...] = ()) -> dict[str, dict]:
     """``{relative path: {"sha256", "size"}}`` for every regular file under ``folder`` (only
-    those under the ``include`` subfolders when given). Links are refused: a tree is bytes."""
+    the ``include`` files and those under the ``include`` subfolders when given). Links are
+    refused: a tree is bytes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder, cannot stage it")
     roots = [folder / sub for sub in include] if include else [folder]
     files: dict[str, dict] = {}
     for root in roots:
-        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        paths = sorted(root.rglob("*")) if root.is_dir() else [root] if root.exists() else []
+        for path in paths:
             if path.is_symlink():
                 raise ValueError(f"{path}: a staged folder holds no links")
             if path.is_file():

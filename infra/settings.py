@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     line_worker_name: str | None = Field(
         default=None, description="this machine's name in line results; default the hostname"
     )
+    commission_deployment: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        description="a deployment (<flow>/<name>, e.g. buyer-commission/buyer-commission) that "
+        "runs the marketplace's commissions, upload and base through the object store; unset: "
+        "a local process",
+    )
     parent_revenue_share: str = Field(
         default="0.2",
         pattern=r"^(0(\.\d{1,6})?|1(\.0{1,6})?)$",

@@ -7,19 +7,26 @@
 split rules with their one-line errors); a refused upload leaves nothing behind. The buyer then
 sees the estimate, cycles x steps_per_cycle x production_lines line-steps at
 ``MarketplaceConfig.commission_price_per_step`` each, and :meth:`CommissionDesk.submit` starts
-the local runner: a background ``taas commission submit`` process, in its own session, logging
-to ``run.log``. :meth:`CommissionDesk.commissions_of` reads each submission's state from the
-commission store (matched on the spec's sha256), "starting" until intake records it.
+it, once:
 
-The customer of such a commission is the buyer id; "private" is an exclusive commission: its
-expert is registered as private, and once registered the buyer's first look at it (the account
-page, the catalog or the API) claims its exclusive licence for them
-(:meth:`marketplace.market.Market.claim_commissioned`), so that nobody else ever sees it and
-they can use and download it.
+- by default on the local runner: a background ``taas commission submit`` process, in its own
+  session, logging to ``run.log``;
+- in team mode (``Settings.commission_deployment``, e.g. ``buyer-commission/buyer-commission``)
+  as a run of that deployment (:mod:`flows.buyer_commission`) on whichever worker takes it: the
+  upload (spec and data file) and the base go to the object store as content-addressed trees
+  (:mod:`infra.line_io`) and the run gets their two hashes, nothing else.
+
+The spec names neither the base's nor the data's path on this machine (``base_model: {}`` with
+the desk's base as ``base_model_dir``; the data file beside the spec), so it is the same bytes
+wherever it runs. :meth:`CommissionDesk.commissions_of` reads each submission's state from the
+commission store, shared in team mode, matched on :func:`upload_key`; before intake records it,
+"starting" while the runner (its process, or its flow run on the Prefect server) is alive, else
+"not started" with the runner's last word.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -27,6 +34,8 @@ import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -35,8 +44,9 @@ import yaml
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from factory.commission import FORMATS, BudgetSection, load_spec, spec_sha256
+from factory.commission import FORMATS, BudgetSection, CommissionSpec, load_spec
 from factory.customer import expert_id_for
+from factory.hashing import json_sha256
 from infra.atomic import atomic_write_json, committed_dir, verify_committed
 from infra.settings import Settings
 
@@ -88,8 +98,11 @@ class CommissionDesk:
         return self.uploads / buyer_id / token
 
     def _checked_settings(self) -> Settings:
-        # Uploads are the only data root of these commissions, whatever the operator's roots.
-        return self.settings.model_copy(update={"data_roots": [self.uploads]})
+        # Uploads are the only data root of these commissions, whatever the operator's roots,
+        # and the desk's base is their base, whatever the operator's base_model_dir.
+        return self.settings.model_copy(
+            update={"data_roots": [self.uploads], "base_model_dir": self.base_model_path}
+        )
 
     def stage(
         self, buyer_id: str, data: bytes, filename: str, domain: str, visibility: str,
@@ -113,7 +126,7 @@ class CommissionDesk:
             "customer": buyer_id,
             "domain": domain,
             "data": [{"uri": f"data.{suffix}", "format": suffix}],
-            "base_model": {"path": str(self.base_model_path)},
+            "base_model": {},  # the base_model_dir of _checked_settings, here or on a worker
             "budget": self.budget.model_dump(mode="json"),
             "heldout": self.heldout,
             "licence": {"type": "usage" if visibility == "public" else "exclusive"},
@@ -158,27 +171,62 @@ class CommissionDesk:
         return Staged(**{**raw, "estimate": Decimal(raw["estimate"])})
 
     def submit(self, buyer_id: str, token: str) -> Staged:
-        """Starts the local runner once per staged upload (a second submit is a no-op)."""
+        """Starts the commission once per staged upload (a second submit, concurrent or not, is
+        a no-op): on the local runner, or as a run of ``Settings.commission_deployment``."""
         staged = self.staged(buyer_id, token)
         folder = self._folder(buyer_id, token)
         marker = folder.parent / f"{token}.submitted.json"
-        if marker.exists():
-            return staged
-        spec_path = folder / "spec.yaml"
+        with _locked(folder.parent / ".submit.lock"):
+            if marker.exists():
+                return staged
+            key = upload_key(load_spec(folder / "spec.yaml"))
+            if self.settings.commission_deployment:
+                runner = {"flow_run_id": self._start_deployment_run(folder)}
+            else:
+                runner = {"pid": self._start_local_runner(folder)}
+            atomic_write_json(marker, {**runner, "upload_key": key})
+        return staged
+
+    def _start_local_runner(self, folder: Path) -> int:
         env = {
             **os.environ,
             "TAAS_HOME": str(self.settings.home),
             "TAAS_DATA_ROOTS": json.dumps([str(self.uploads)]),
+            "TAAS_BASE_MODEL_DIR": str(self.base_model_path),
         }
-        with open(folder.parent / f"{token}.run.log", "ab") as log:
+        with open(folder.parent / f"{folder.name}.run.log", "ab") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "commission", "submit", str(spec_path)],
+                [sys.executable, "-m", "cli.main", "commission", "submit",
+                 str(folder / "spec.yaml")],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: the server's signals skip it
             )  # fmt: skip
-        atomic_write_json(marker, {"pid": child.pid, "spec_sha256": spec_sha256(load_spec(
-            spec_path))})  # fmt: skip
-        return staged
+        return child.pid
+
+    def _start_deployment_run(self, folder: Path) -> str:
+        """Uploads the spec, the data file and the base; returns the new flow run's id."""
+        from prefect.deployments import run_deployment
+
+        from infra import line_io
+        from infra.storage import open_store
+
+        store = open_store(self.settings.objects_url, self.settings.s3_endpoint_url)
+        files = ("spec.yaml", *sorted(p.name for p in folder.glob("data.*")))
+        upload = line_io.put_tree(store, folder, include=files)
+        base = line_io.put_tree(store, self.base_model_path)
+        try:
+            run = run_deployment(
+                self.settings.commission_deployment,
+                parameters={"upload_tree": upload, "base_tree": base},
+                timeout=0,  # submitted, not awaited: the account page follows it
+                tags=["marketplace"],
+            )
+        except Exception as exc:  # unreachable server, unknown deployment: nothing submitted
+            raise RunnerUnavailable(
+                f"commission_deployment: {self.settings.commission_deployment} cannot take "
+                f"runs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            ) from None
+        return str(run.id)
 
     def commissions_of(self, buyer_id: str) -> list[BuyerCommission]:
         from factory.commission_store import CommissionStore
@@ -187,15 +235,22 @@ class CommissionDesk:
         markers = sorted(folder.glob("*.submitted.json")) if folder.is_dir() else []
         if not markers:
             return []
-        records = {r.spec_sha256: r for r in CommissionStore(self.settings.db_url).list()}
+        records = {
+            upload_key(r.spec()): r
+            for r in CommissionStore(self.settings.db_url).list()
+            if r.customer == buyer_id
+        }
         shown = []
         for marker in markers:
             token = marker.name.split(".")[0]
             submitted = json.loads(marker.read_text())
             staged = self.staged(buyer_id, token)
-            record = records.get(submitted["spec_sha256"])
+            record = records.get(submitted["upload_key"])
             if record is not None:
                 state, detail, cid = record.state, record.detail or "", record.commission_id
+            elif "flow_run_id" in submitted:
+                state, detail = _flow_run_state(submitted["flow_run_id"])
+                cid = ""
             elif _alive(submitted["pid"]):
                 state, detail, cid = "starting", "", ""
             else:
@@ -206,6 +261,48 @@ class CommissionDesk:
             shown.append(BuyerCommission(token, staged.domain, state, detail, cid,
                                          staged.visibility, expert))  # fmt: skip
         return shown
+
+
+def upload_key(spec: CommissionSpec) -> str:
+    """sha256 of the spec's canonical JSON with each data URI reduced to its file name: the same
+    for the staged folder here and for the copy a worker fetches into its own home, where
+    :func:`factory.commission.spec_sha256` (of the resolved, absolute URIs) differs."""
+    dumped = spec.model_dump(mode="json")
+    dumped["data"] = [{**d, "uri": Path(d["uri"]).name} for d in dumped["data"]]
+    return json_sha256(dumped)
+
+
+class RunnerUnavailable(RuntimeError):
+    """The commission could not be handed to its runner; nothing was submitted."""
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _flow_run_state(flow_run_id: str) -> tuple[str, str]:
+    """A team-mode submission before intake records it: "starting" while its flow run is
+    scheduled, pending or running on the Prefect server, else "not started" with its state's
+    message (a run that failed before intake, a cancelled or crashed one)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(flow_run_id))
+    except Exception as exc:  # the page still renders; the state is only unknown for now
+        return "starting", f"orchestrator unreachable ({type(exc).__name__})"
+    if run.state is None or not run.state.is_final():
+        return "starting", ""
+    return "not started", f"{run.state.name}: {run.state.message or ''}".strip()[:300]
 
 
 def _alive(pid: int) -> bool:
@@ -267,4 +364,6 @@ def add_commission_routes(app: FastAPI, desk_of, page, buyer_of, acting_buyer, m
             desk_of().submit(buyer_id, token)
         except LookupError:
             raise HTTPException(404, detail="no such submission") from None
+        except RunnerUnavailable as exc:
+            raise HTTPException(503, detail=str(exc)) from None
         return RedirectResponse("/account", status_code=303)

@@ -89,7 +89,7 @@ def local_pool(
 ) -> Iterator[dict]:
     """Yields {"api", "s3", "root", "client_env", "workers": {name: {"proc", "home", "folder"}}}
     for ``deployment`` of prefect.yaml on ``pool``; ``worker_env`` overrides the workers'
-    environment (a TAAS_HOME of the caller's, say)."""
+    environment (a TAAS_HOME of the caller's, say; ``{s3}`` in a value is the S3 endpoint)."""
     import boto3
 
     root.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def local_pool(
                 "TAAS_HOME": str(folder / "home"),
                 "TAAS_LINE_WORKER_NAME": name,
                 "PYTHONPATH": str(REPO),
-                **(worker_env or {}),
+                **{k: v.replace("{s3}", s3_url) for k, v in (worker_env or {}).items()},
             }
             proc = subprocess.Popen(
                 [PREFECT, "worker", "start", "--pool", pool, "--type", "process",

@@ -32,7 +32,9 @@ def test_prefect_yaml_parses_as_prefect_deploy_reads_it():
     from prefect.cli.deploy._models import PrefectYamlModel
 
     model = PrefectYamlModel.model_validate(SPEC)
-    assert [d.name for d in model.deployments] == ["commission", "retrain", "train-line"]
+    assert [d.name for d in model.deployments] == [
+        "commission", "retrain", "train-line", "buyer-commission"
+    ]  # fmt: skip
     assert model.prefect_version.startswith("3.9")
 
 
@@ -61,7 +63,7 @@ def test_deployment_entrypoint_loads_and_parameters_validate(name):
         flow.validate_parameters({**deployment["parameters"], "not_a_parameter": 1})
 
 
-@pytest.mark.parametrize("name", ["commission", "retrain"])
+@pytest.mark.parametrize("name", ["commission", "retrain", "buyer-commission"])
 def test_deployment_has_concurrency_limit_work_pool_and_tags(name):
     deployment = DEPLOYMENTS[name]
     assert isinstance(deployment["concurrency_limit"], int)
@@ -81,6 +83,18 @@ def test_train_line_deployment_is_what_cycles_submit_to():
     assert list(flow.parameters.properties) == ["job"]
     assert deployment["work_pool"]["name"] == "lines"
     assert "taas" in deployment["tags"] and "schedules" not in deployment
+
+
+def test_buyer_commission_deployment_takes_what_the_desk_submits():
+    """The marketplace's desk submits exactly two content hashes (no path of its machine) to
+    the deployment ``Settings.commission_deployment`` names, on the factory pool."""
+    deployment = DEPLOYMENTS["buyer-commission"]
+    flow = load_entrypoint(deployment)
+    assert f"{flow.name}/{deployment['name']}" == "buyer-commission/buyer-commission"
+    assert list(flow.parameters.properties) == ["upload_tree", "base_tree"]
+    assert "parameters" not in deployment and "schedules" not in deployment
+    with pytest.raises(Exception, match="upload_tree"):
+        flow.validate_parameters({"base_tree": "0" * 64})
 
 
 def test_commission_deployment_spec_path_is_a_valid_spec():
