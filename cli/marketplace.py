@@ -152,7 +152,13 @@ def build_market(args: argparse.Namespace):
         from marketplace.lineage import library_parent_of
 
         commission_of, parent_of = library_commission_of(settings), library_parent_of(settings)
-    return Market(config, catalog, Licensing(ledger, commission_of, parent_of))
+    mirror = None
+    if settings.transparency_url:  # the team's log, as every machine appended to it
+        from factory.library.shared_log import TransparencyMirror
+
+        mirror = TransparencyMirror(settings, config.transparency_dir).refresh
+    return Market(config, catalog, Licensing(ledger, commission_of, parent_of),
+                  refresh_transparency=mirror)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -164,10 +164,11 @@ def _locked(home: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def factory_public_key(home: Path) -> Ed25519PublicKey:
-    """The factory's public key (created with the private key on first use)."""
+def factory_public_key(home: Path, key_path: Path | None = None) -> Ed25519PublicKey:
+    """The factory's public key (created with the private key on first use); ``key_path``
+    replaces the home's key (``Settings.factory_key_path``)."""
     with _locked(home):
-        return load_or_create_key(factory_key_path(home)).public_key()
+        return load_or_create_key(key_path or factory_key_path(home)).public_key()
 
 
 class Attested(BaseModel):
@@ -180,11 +181,14 @@ class Attested(BaseModel):
     log_excerpt: bytes  # the log up to and including ``entry``, as stored
 
 
-def attest(home: Path, statement: Statement, logged_at: str) -> Attested:
-    """Signs ``statement`` with the factory key and appends it to the home's log."""
+def attest(
+    home: Path, statement: Statement, logged_at: str, key_path: Path | None = None
+) -> Attested:
+    """Signs ``statement`` with the factory key (``key_path``, else the home's) and appends it
+    to the home's log."""
     path = log_path(home)
     with _locked(home):
-        key: Ed25519PrivateKey = load_or_create_key(factory_key_path(home))
+        key: Ed25519PrivateKey = load_or_create_key(key_path or factory_key_path(home))
         envelope = sign_statement(statement, key)
         data = path.read_bytes() if path.exists() else b""
         entries = parse_log(data, str(path))

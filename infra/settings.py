@@ -133,6 +133,17 @@ class Settings(BaseSettings):
         "runs the marketplace's commissions, upload and base through the object store; unset: "
         "a local process",
     )
+    transparency_url: str | None = Field(
+        default=None,
+        pattern=r"^s3://[a-z0-9.-]{3,63}(/[A-Za-z0-9._/-]*)?$",
+        description="s3://bucket/prefix: one transparency log for every machine that registers "
+        "(appends under a PostgreSQL lock); unset: <home>/transparency, this machine's",
+    )
+    factory_key_path: Path | None = Field(
+        default=None,
+        description="the factory's attestation key (Ed25519 PEM); with transparency_url, the "
+        "same secret file on every machine that registers; default <home>/keys/factory/",
+    )
     parent_revenue_share: str = Field(
         default="0.2",
         pattern=r"^(0(\.\d{1,6})?|1(\.0{1,6})?)$",
@@ -155,6 +166,17 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _absolute_home(self) -> Settings:
         object.__setattr__(self, "home", self.home.expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _shared_log_needs_postgres(self) -> Settings:
+        if self.transparency_url is not None and not (self.database_url or "").startswith(
+            "postgresql"
+        ):
+            raise ValueError(
+                f"transparency_url: {self.transparency_url} is appended to by several machines "
+                "under a PostgreSQL lock; set database_url to the team's PostgreSQL"
+            )
         return self
 
     @model_validator(mode="after")

@@ -271,6 +271,7 @@ def create_app(market: Market) -> FastAPI:
         """A file of the factory's transparency folder (factory.transparency_log); 404 when
         this marketplace publishes none."""
         folder = config.transparency_dir
+        market.refresh_transparency()
         path = None if folder is None else Path(folder).joinpath(*parts)
         if path is None or path.is_symlink() or not path.is_file():
             raise HTTPException(404, detail="no attestation published here")

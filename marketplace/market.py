@@ -14,6 +14,7 @@ import json
 import logging
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -87,8 +88,12 @@ class Market:
         catalog: Catalog,
         licensing: Licensing,
         generator: RoutedGenerator | None = None,
+        refresh_transparency: Callable[[], None] | None = None,
     ):
+        """``refresh_transparency`` brings ``config.transparency_dir`` up to date before it is
+        read (a :class:`factory.library.shared_log.TransparencyMirror` in team mode)."""
         self.config, self.catalog, self.licensing = config, catalog, licensing
+        self.refresh_transparency = refresh_transparency or (lambda: None)
         self._generator = generator
         self._generator_lock = threading.Lock()
 
@@ -206,6 +211,7 @@ class Market:
 
         if self.config.transparency_dir is None:
             return {}
+        self.refresh_transparency()
         folder = Path(self.config.transparency_dir) / "versions" / name / version
         if not verify_committed(folder):
             return {}

@@ -3,9 +3,10 @@
 :func:`attest_version` makes the in-toto statement of :mod:`factory.attestation` for one
 version (subjects: the expert folder's deliverable files and the model card, exactly the bytes
 a bundle ships), signs it with the factory key and appends it to the home's transparency log
-(:mod:`factory.transparency_log`). :func:`write_attestation` writes the three files that travel
-with the version (the envelope, the factory's public key, the log up to this entry), which the
-registry stores as the run's ``attestation/`` artifact and a bundle carries.
+(:mod:`factory.transparency_log`; in team mode the team's, :mod:`factory.library.shared_log`).
+:func:`write_attestation` writes the three files that travel with the version (the envelope,
+the factory's public key, the log up to this entry), which the registry stores as the run's
+``attestation/`` artifact and a bundle carries.
 Pure: no MLflow, prefect or boto3.
 """
 
@@ -88,15 +89,20 @@ def statement_for(
     return Statement(subject=sorted(subjects, key=lambda s: s.name), predicate=predicate)
 
 
-def attest_version(home: Path, statement: Statement) -> Attested:
-    return attest(Path(home), statement, utc_now_iso())
+def attest_version(home: Path, statement: Statement, key_path: Path | None = None) -> Attested:
+    """Onto the home's own log; :func:`factory.library.shared_log.attest_shared` is the
+    team's."""
+    return attest(Path(home), statement, utc_now_iso(), key_path)
 
 
-def write_attestation(folder: Path, home: Path, attested: Attested) -> Path:
+def write_attestation(
+    folder: Path, home: Path, attested: Attested, key_path: Path | None = None
+) -> Path:
     """The envelope, the factory's public key and the log excerpt in ``folder``."""
     folder = Path(folder)
+    public = factory_public_key(Path(home), key_path)
     atomic_write_json(folder / ATTESTATION_FILE, attested.envelope.model_dump(mode="json"))
-    atomic_write_text(folder / KEY_FILE, public_key_text(factory_public_key(Path(home))))
+    atomic_write_text(folder / KEY_FILE, public_key_text(public))
     atomic_write_bytes(folder / LOG_FILE, attested.log_excerpt)
     return folder
 

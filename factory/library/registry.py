@@ -263,9 +263,16 @@ class ExpertLibrary:
         statement = attest.statement_for(
             folder, card, manifest, prov, tags, version, ledger.public_key
         )
-        attested = attest.attest_version(self.settings.home, statement)
+        key_path = self.settings.factory_key_path
+        if self.settings.transparency_url:  # one log for every machine of the team
+            from factory.library.provenance import utc_now_iso
+            from factory.library.shared_log import attest_shared
+
+            attested = attest_shared(self.settings, statement, utc_now_iso())
+        else:
+            attested = attest.attest_version(self.settings.home, statement, key_path)
         with tempfile.TemporaryDirectory(prefix="taas-attest-") as staging:
-            attest.write_attestation(Path(staging), self.settings.home, attested)
+            attest.write_attestation(Path(staging), self.settings.home, attested, key_path)
             self._t.log_artifacts(self.tracking, run_id, Path(staging), attest.ATTESTATION_ARTIFACT)
         digest = envelope_sha256(attested.envelope)
         self._t.set_version_tag(
