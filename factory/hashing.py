@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the config and JSON hashes are imported where torch is not (flow runs)
+    import torch
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(tensors):
         tensor = tensors[key].detach().to("cpu").contiguous()

@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger
 
 from factory.candidate import CandidateFiles
 from factory.inbox import watching_arrivals
-from factory.train import TrainConfig
+from factory.train_config import TrainConfig
 from infra.launcher import jobs_stopped_on_interrupt, line_rendezvous
 from infra.settings import Settings
 from infra.storage import open_store

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from factory.train import TrainConfig
+from factory.train_config import TrainConfig
 from flows.train_line import LineJob, LineOutcome, pool_slots_name
 from infra import line_io
 from infra.settings import Settings

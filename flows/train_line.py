@@ -38,7 +38,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
-from factory.train import TrainConfig
+from factory.train_config import TrainConfig
 from infra import line_io
 from infra.settings import get_settings
 from infra.storage import ObjectStore, open_store

@@ -21,7 +21,7 @@ from factory.expert import ADAPTER_FILE, read_adapter
 from factory.hashing import json_sha256, tensors_sha256
 from factory.ledger import Ledger
 from factory.production_line import LineSpec
-from factory.train import TrainConfig
+from factory.train_config import TrainConfig
 from infra.atomic import atomic_write_text
 from infra.hardware import line_hardware_fields
 from infra.settings import Settings

@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.train import TrainConfig
+from factory.train_config import TrainConfig
 from infra.atomic import atomic_write_json
 from infra.launcher import Rendezvous, launch
 

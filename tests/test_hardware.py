@@ -88,7 +88,8 @@ def test_line_fields_put_the_overlay_hash_in_the_config(tmp_path):
 
 
 def test_worker_ds_config_merges_the_overlay(tmp_path):
-    from factory.train import TrainConfig, ds_config
+    from factory.train import ds_config
+    from factory.train_config import TrainConfig
 
     overlay = tmp_path / "ds.json"
     overlay.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))

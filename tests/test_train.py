@@ -11,7 +11,6 @@ from factory.signing import load_or_create_key
 from factory.train import (
     EXIT_RETRYABLE,
     EXIT_WORKER_ERROR,
-    TrainConfig,
     batch_positions,
     check_inputs,
     exit_code_for,
@@ -19,6 +18,7 @@ from factory.train import (
     sample_at,
     shard_rows,
 )
+from factory.train_config import TrainConfig
 
 
 def config_dict(tmp_path, **changes) -> dict:

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from factory.candidate import CandidateFiles, read_manifest
 from factory.signing import load_or_create_key, public_key_b64, verify
-from factory.train import TrainConfig
+from factory.train_config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
