@@ -26,12 +26,15 @@ import random
 import re
 import shutil
 from pathlib import Path
-
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from infra.atomic import committed_dir, verify_committed
+
+# The layout (names, listing, the newest valid folder, pruning) is read by a pool line's flow
+# run, which never imports torch (a flow-run process starts in seconds less for it); the
+# functions that save and restore state import it themselves.
+if TYPE_CHECKING:
+    import torch
 
 ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
@@ -87,6 +90,9 @@ def prune(root: Path, keep_last: int) -> list[Path]:
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """This process's RNG states as (tensors for safetensors, JSON-able python/numpy state)."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     plain = {
@@ -97,6 +103,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    import numpy as np
+    import torch
+
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]
@@ -105,6 +114,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 
 
 def write_rank_state(folder: Path, rank: int) -> None:
+    from safetensors.torch import save_file
+
     tensors, plain = rng_state()
     save_file(tensors, str(Path(folder) / f"rng-rank{rank}.safetensors"))
     (Path(folder) / f"rng-rank{rank}.json").write_text(json.dumps(plain))
@@ -112,6 +123,8 @@ def write_rank_state(folder: Path, rank: int) -> None:
 
 def read_rank_state(folder: Path, rank: int) -> None:
     """Restores this rank's RNG states; a checkpoint from another world size has none: ignored."""
+    from safetensors.torch import load_file
+
     tensors_path = Path(folder) / f"rng-rank{rank}.safetensors"
     if tensors_path.is_file():
         plain = json.loads((Path(folder) / f"rng-rank{rank}.json").read_text())
@@ -154,6 +167,8 @@ def save(
 
 
 def _write_all(tmp: Path, engine, adapter, state: dict, rank: int) -> None:
+    from safetensors.torch import save_file
+
     engine.save_checkpoint(
         str(tmp / ENGINE_DIR),
         tag=ENGINE_TAG,
@@ -179,6 +194,7 @@ def _safe_deepspeed_globals() -> list:
 
 def weights_only_engine(config_params=None):
     """A DeepSpeed checkpoint engine whose ``load`` is ``torch.load(weights_only=True)``."""
+    import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
