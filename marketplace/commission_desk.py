@@ -210,10 +210,15 @@ class CommissionDesk:
         from infra import line_io
         from infra.storage import open_store
 
-        store = open_store(self.settings.objects_url, self.settings.s3_endpoint_url)
-        files = ("spec.yaml", *sorted(p.name for p in folder.glob("data.*")))
-        upload = line_io.put_tree(store, folder, include=files)
-        base = line_io.put_tree(store, self.base_model_path)
+        try:  # the trees first: a run never starts on inputs the store does not hold
+            store = open_store(self.settings.objects_url, self.settings.s3_endpoint_url)
+            files = ("spec.yaml", *sorted(p.name for p in folder.glob("data.*")))
+            upload = line_io.put_tree(store, folder, include=files)
+            base = line_io.put_tree(store, self.base_model_path)
+        except (OSError, ValueError) as exc:  # a store error, a base folder with links
+            raise RunnerUnavailable(
+                f"object_store_url: cannot take the upload ({_said(exc)})"
+            ) from None
         try:
             run = run_deployment(
                 self.settings.commission_deployment,
@@ -224,7 +229,7 @@ class CommissionDesk:
         except Exception as exc:  # unreachable server, unknown deployment: nothing submitted
             raise RunnerUnavailable(
                 f"commission_deployment: {self.settings.commission_deployment} cannot take "
-                f"runs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                f"runs ({_said(exc)})"
             ) from None
         return str(run.id)
 
@@ -270,6 +275,12 @@ def upload_key(spec: CommissionSpec) -> str:
     dumped = spec.model_dump(mode="json")
     dumped["data"] = [{**d, "uri": Path(d["uri"]).name} for d in dumped["data"]]
     return json_sha256(dumped)
+
+
+def _said(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 class RunnerUnavailable(RuntimeError):

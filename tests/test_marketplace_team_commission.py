@@ -161,6 +161,7 @@ def test_submit_without_a_reachable_deployment_is_one_line_and_starts_nothing(
     from decimal import Decimal
 
     from infra.settings import get_settings
+    from infra.storage import StorageUnavailable
     from marketplace.commission_desk import CommissionDesk, RunnerUnavailable
 
     settings = get_settings(home=tmp_path / "home", commission_deployment="nowhere/none",
@@ -182,3 +183,16 @@ def test_submit_without_a_reachable_deployment_is_one_line_and_starts_nothing(
     )
     assert not list(desk.uploads.rglob("*.submitted.json"))
     assert desk.commissions_of("buyer-1") == []
+
+    # A store that refuses the upload: refused before any run is asked for.
+    def unreachable(*args, **kwargs):
+        raise StorageUnavailable("s3: endpoint http://127.0.0.1:9 unreachable")
+
+    monkeypatch.setattr("infra.line_io.put_tree", unreachable)
+    with pytest.raises(RunnerUnavailable) as refused:
+        desk.submit("buyer-1", staged.token)
+    assert str(refused.value) == (
+        "object_store_url: cannot take the upload "
+        "(StorageUnavailable: s3: endpoint http://127.0.0.1:9 unreachable)"
+    )
+    assert not list(desk.uploads.rglob("*.submitted.json"))
