@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -45,7 +42,13 @@ from factory.attestation import (
     sign_statement,
 )
 from factory.signing import canonical_bytes, load_or_create_key
-from infra.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, committed_dir
+from infra.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    committed_dir,
+    file_lock,
+)
 
 GENESIS = "0" * 64
 
@@ -152,16 +155,8 @@ def check_prefix(excerpt: list[LogEntry], published: list[LogEntry]) -> None:
         )
 
 
-@contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    lock = log_path(home).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _locked(home: Path):
+    return file_lock(log_path(home).with_suffix(".lock"))
 
 
 def factory_public_key(home: Path, key_path: Path | None = None) -> Ed25519PublicKey:

@@ -10,11 +10,14 @@ Replacing a folder takes two renames (old aside to ``.<name>.old``, new into pla
 between them leaves only the ``.old`` copy: :func:`recover_committed` puts it back, and both
 :func:`committed_dir` and :func:`verify_committed` call it first, so the next access finds the
 previous version instead of nothing.
+
+:func:`file_lock` serialises writers on one machine (an exclusive ``flock`` on a lock file).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -176,3 +179,17 @@ def _verified(folder: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return True
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``path`` (created with its folder when missing); other
+    processes of this machine wait for it. Released on exit, or when the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -26,7 +26,6 @@ commission store, shared in team mode, matched on :func:`upload_key`; before int
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -34,8 +33,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -47,7 +44,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from factory.commission import FORMATS, BudgetSection, CommissionSpec, load_spec
 from factory.customer import expert_id_for
 from factory.hashing import json_sha256
-from infra.atomic import atomic_write_json, committed_dir, verify_committed
+from infra.atomic import atomic_write_json, committed_dir, file_lock, verify_committed
 from infra.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +173,7 @@ class CommissionDesk:
         staged = self.staged(buyer_id, token)
         folder = self._folder(buyer_id, token)
         marker = folder.parent / f"{token}.submitted.json"
-        with _locked(folder.parent / ".submit.lock"):
+        with file_lock(folder.parent / ".submit.lock"):
             if marker.exists():
                 return staged
             key = upload_key(load_spec(folder / "spec.yaml"))
@@ -285,17 +282,6 @@ def _said(exc: BaseException) -> str:
 
 class RunnerUnavailable(RuntimeError):
     """The commission could not be handed to its runner; nothing was submitted."""
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _flow_run_state(flow_run_id: str) -> tuple[str, str]:

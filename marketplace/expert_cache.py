@@ -16,7 +16,6 @@ memory (the bundle reader calls it when a file no longer matches its marker).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import threading
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from infra.atomic import MARKER, verify_committed
+from infra.atomic import MARKER, file_lock, verify_committed
 
 
 def _marker_id(folder: Path) -> tuple[int, int, int] | None:
@@ -82,9 +81,6 @@ class ExpertCache:
 
     @contextmanager
     def _locked(self, target: Path) -> Iterator[None]:
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{target.parent.name}@{target.name}.lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        with file_lock(self.root / ".locks" / f"{target.parent.name}@{target.name}.lock"):
             yield

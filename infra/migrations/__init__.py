@@ -15,7 +15,6 @@ The first revision creates only the tables and indexes a database lacks, so a da
 
 from __future__ import annotations
 
-import fcntl
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
+
+from infra.atomic import file_lock
 
 VERSION_TABLE = "taas_alembic_version"
 _FOLDER = Path(__file__).resolve().parent
@@ -70,13 +71,8 @@ def _upgrade_lock(engine: Engine):
         with engine.connect() as connection:
             yield connection
         return
-    with open(f"{database}.migrate.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            with engine.connect() as connection:
-                yield connection
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(f"{database}.migrate.lock")), engine.connect() as connection:
+        yield connection
 
 
 def upgrade_head(engine: Engine) -> None:
