@@ -14,6 +14,8 @@ store (:class:`flows.train_line.LineOutcome`):
   checkpoint saves): what the same line costs as a local subprocess, so not overhead;
 - ``stage_s``: inputs fetched from the store (cache hits after a machine's first line) and the
   newest checkpoint restored; ``publish_s``: checkpoints, candidate, log and result uploaded;
+- ``wait_s``: waiting for the machine's (and the pool's) slots, staged, while another line
+  trains there (worker ``--limit`` above 1);
 - ``engine_s``: the rest of the flow run (Prefect's engine, the pull step, imports);
 - ``pickup_s``: from the run's creation, or its worker's previous run ending, to its start.
 
@@ -22,6 +24,12 @@ the worker-seconds each line spends not training (upload on the cycle's side, di
 downloads, uploads, waiting for the cycle to collect the result, idle workers); that overhead
 is roughly constant per line, so ``ratio_60s = overhead / 60`` is what a 60 s line would pay
 (goal <= 0.05). The long lines report their own measured ratio ``overhead / train_s``.
+
+A line that starts while another trains on its machine slows that one down where the machine
+has no core to spare (this one has two, both training), and the slower training counts as
+``train_s``, not overhead. So a first round of ``--workers`` lines, one per worker with nothing
+else starting, gives the baseline ``alone_train_s``; ``overhead_vs_alone`` charges the short
+round every second its lines took beyond it: ``(workers * wall - lines * alone_train_s) / lines``.
 """
 
 from __future__ import annotations
@@ -96,9 +104,10 @@ def round_of(pool: dict, base, data: Path, name: str, lines: int, steps: int) ->
     rows, previous_end = [], {}
     for o in sorted(outcomes, key=lambda o: times[o.flow_run_id]["start"]):
         t = times[o.flow_run_id]
-        ready = max(t["created"], previous_end.get(o.worker, 0.0))
-        previous_end[o.worker] = t["end"]
-        spent = o.timings["stage_s"] + o.timings["train_s"] + o.timings["publish_s"]
+        before = previous_end.get(o.worker, 0.0)  # a run taken while the last one ran: created
+        ready = max(t["created"], before) if before <= t["start"] else t["created"]
+        previous_end[o.worker] = max(before, t["end"])
+        spent = sum(o.timings[k] for k in ("stage_s", "wait_s", "train_s", "publish_s"))
         rows.append(
             {
                 "line": o.result.contributor_id,
@@ -120,7 +129,7 @@ def summary(result: dict) -> str:
     rows = result["rows"]
     parts = ", ".join(
         f"{key} {statistics.mean(r[key] for r in rows):.2f}"
-        for key in ("pickup_s", "engine_s", "stage_s", "publish_s", "train_s")
+        for key in ("pickup_s", "engine_s", "stage_s", "wait_s", "publish_s", "train_s")
     )
     return (f"{result['name']}: {result['lines']} lines x {result['steps']} steps, wall "
             f"{result['wall_s']:.1f} s, mean per line: {parts}; overhead per line "
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=2,
+                        help="flow runs a worker takes at once (1: no line starts while "
+                             "another trains on its machine)")  # fmt: skip
     parser.add_argument("--long-lines", type=int, default=2)
     parser.add_argument("--long-steps", type=int, default=600)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -147,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="taas-line-bench-"))
     data = prepared_data(base, root / "data")
     names = tuple(f"w{i}" for i in range(args.workers))
-    with local_pool(root / "pool", names) as pool:
+    with local_pool(root / "pool", names, limit=args.limit) as pool:
+        alone = round_of(pool, base, data, "alone", args.workers, args.steps)
+        print(summary(alone), flush=True)
         short = round_of(pool, base, data, "short", args.lines, args.steps)
         print(summary(short), flush=True)
         long = None
@@ -157,12 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio_60 = short["overhead_per_line_s"] / 60.0
     print(f"ratio_60s {ratio_60:.4f} (overhead per line {short['overhead_per_line_s']:.2f} s "
           f"/ 60 s; goal <= 0.05)")  # fmt: skip
+    vs_alone = (args.workers * short["wall_s"] - args.lines * alone["mean_train_s"]) / args.lines
+    print(f"overhead_vs_alone {vs_alone:.2f} s per line (alone_train_s "
+          f"{alone['mean_train_s']:.2f}), ratio_60s {vs_alone / 60:.4f}")  # fmt: skip
     if long is not None:
         measured = long["overhead_per_line_s"] / long["mean_train_s"]
         print(f"long lines: train {long['mean_train_s']:.1f} s, overhead "
               f"{long['overhead_per_line_s']:.2f} s, measured ratio {measured:.4f}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"short": short, "long": long, "ratio_60s": ratio_60},
+        args.json.write_text(json.dumps({"alone": alone, "short": short, "long": long,
+                                         "ratio_60s": ratio_60, "overhead_vs_alone_s": vs_alone},
                                         indent=2))  # fmt: skip
     return 0
 

@@ -12,14 +12,19 @@ subprocesses (:func:`flows.cycle.train_lines`). Cycle and line share only the ob
   a process worker), is marked crashed and submitted again, up to ``line_max_attempts``, until
   the cycle's deadline;
 - :func:`train_line_flow` (the worker's side) fetches the inputs into the machine's own cache
-  (verified), restores the newest checkpoint the store holds for the line, takes ``nprocs``
-  slots of the pool's global concurrency limit ``line-slots-<pool>``, trains, publishes every
+  (verified), restores the newest checkpoint the store holds for the line, takes ``nprocs`` of
+  its machine's process slots (:func:`tasks.slots.held_machine_slots`) and as many of the pool's
+  global concurrency limit ``line-slots-<pool>``, trains, publishes every
   checkpoint as soon as it is saved and beats a heartbeat while it works, then uploads the
   candidate. Its config holds only paths relative to the line's work folder, so its hash (which
   a checkpoint must match to be resumed) is the same on every machine.
 
-Run a worker with ``prefect worker start --pool <pool> --type process`` in an environment with
-the repository, ``TAAS_HOME`` (the machine's cache and work folders) and the store's credentials.
+Run a worker with ``prefect worker start --pool <pool> --type process --limit 2`` in an
+environment with the repository, ``TAAS_HOME`` (the machine's cache, work folders and slots) and
+the store's credentials. With ``--limit 2`` the machine's next line starts its process, imports
+and stages its inputs while the current one trains, then waits for the machine's slots: the
+flow-run start (most of a line's overhead) is hidden behind training, and the slots
+(``Settings.line_machine_slots``) keep the machine from training two lines on the same GPUs.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from pydantic import BaseModel, ConfigDict
 
 from factory.train_config import TrainConfig
 from infra import line_io
+from infra.hardware import machine_slots
 from infra.settings import get_settings
 from infra.storage import ObjectStore, open_store
+from tasks.slots import held_machine_slots
 from tasks.training import LineResult, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +87,10 @@ class LineOutcome(BaseModel):
     worker: str
     flow_run_id: str
     resumed_from_step: int | None
-    timings: dict[str, float]  # stage_s (inputs, checkpoint), train_s, publish_s (uploads)
+    # stage_s (inputs, checkpoint), wait_s (for the machine's and the pool's slots), train_s,
+    # publish_s (uploads)
+    timings: dict[str, float]
+    train_window: tuple[float, float]  # start and end of training by the machine's clock
 
 
 def pool_slots_name(pool: str) -> str:
@@ -205,13 +215,20 @@ def train_line_flow(job: LineJob) -> LineOutcome:
         logger.info("line %s on %s: inputs staged, checkpoint from the store: %s",
                     job.config.contributor_id, worker, restored)  # fmt: skip
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        with concurrency(pool_slots_name(job.pool), occupy=job.nprocs, strict=True):
-            clock = time.perf_counter()
+        slots = settings.line_machine_slots or machine_slots()
+        clock = time.perf_counter()
+        with (
+            held_machine_slots(settings.home / "line-slots", slots, job.nprocs),
+            concurrency(pool_slots_name(job.pool), occupy=job.nprocs, strict=True),
+        ):
+            timings["wait_s"] = time.perf_counter() - clock
+            clock, started = time.perf_counter(), time.time()
             with _working_in(work):
                 result = run_training(
                     job.config, job.nprocs, job.launcher, job.timeout_s,
                     job.tracking_uri, job.run_id, None, env,
                 )  # fmt: skip
+            window = (started, time.time())
         timings["train_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         mirror.sweep()
@@ -234,6 +251,7 @@ def train_line_flow(job: LineJob) -> LineOutcome:
         flow_run_id=run_key,
         resumed_from_step=restored,
         timings=timings,
+        train_window=window,
     )
     store.put_bytes(f"{job.line_id}/results/{run_key}.json", outcome.model_dump_json().encode())
     return outcome

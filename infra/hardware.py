@@ -37,6 +37,23 @@ FORBIDDEN_OVERLAY_KEYS = (
 )
 
 
+def machine_slots(environ: Mapping[str, str] | None = None) -> int:
+    """This machine's process slots for lines, found without importing torch (a line's flow
+    run stays light): its visible GPUs (``CUDA_VISIBLE_DEVICES``, else the NVIDIA driver's
+    list), else its CPU cores."""
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+        if devices:
+            return len(devices)
+    else:
+        driver = Path("/proc/driver/nvidia/gpus")
+        if driver.is_dir() and (gpus := len(list(driver.iterdir()))):
+            return gpus
+    return os.cpu_count() or 1
+
+
 def cuda_available() -> bool:
     import torch
 

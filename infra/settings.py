@@ -113,6 +113,13 @@ class Settings(BaseSettings):
         description="slots of the pool's limit line-slots-<pool> when a cycle creates it (GPUs, "
         "or CPU processes, of all its machines); default max_concurrent_lines * ranks per line",
     )
+    line_machine_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="process slots of a worker's machine: its lines train at most this many "
+        "processes at once, the others wait with their inputs staged; default its GPUs, else "
+        "its CPU cores",
+    )
     line_heartbeat_timeout_s: float = Field(
         default=120.0, gt=0, description="a pool line silent this long counts as lost: resubmitted"
     )

@@ -19,11 +19,15 @@ forever). Two changes make the embedded default heal itself:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
+from infra.atomic import file_lock
 from infra.prefect_server import DISK_LEASES
 
 #: the global concurrency limit every local production line takes its processes' slots from
@@ -32,6 +36,8 @@ TRAIN_SLOTS = "taas-train-slots"
 LEASE_S = 60.0
 #: how long a waiting line blocks before it looks for expired leases again
 WAIT_S = 20.0
+#: how often a line waiting for its machine's slots tries them again
+MACHINE_POLL_S = 0.1
 
 
 def ensure_limit(name: str, slots: int) -> int:
@@ -116,3 +122,51 @@ def held_slots(name: str, occupy: int) -> Iterator[None]:
             except TimeoutError:  # still taken: by live holders, or by leases that expired
                 reclaim_expired_leases()
         yield
+
+
+@contextmanager
+def held_machine_slots(folder: Path, slots: int, occupy: int) -> Iterator[None]:
+    """Holds ``occupy`` of this machine's ``slots`` process slots for the body; waits for them.
+
+    The slots are ``flock``s on the files ``slot-<i>`` in ``folder``, so every process of the
+    machine that uses the same folder shares them. Why not a Prefect limit per machine: a
+    refused slot there comes back with a Retry-After of up to the limit's mean occupancy
+    (capped at 30 s by default), so a line queued behind another would start seconds after the
+    machine was free; a lock here is tried again every :data:`MACHINE_POLL_S`, and the kernel
+    releases it the moment its holder dies, with no lease to expire. A ``gate`` lock makes
+    taking several slots one step, so two waiters never hold half of what each needs.
+    """
+    if not 1 <= occupy <= slots:
+        raise ValueError(
+            f"line_machine_slots: a line of {occupy} processes never fits in this machine's "
+            f"{slots} slots"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    held: list = []
+
+    def release() -> None:
+        while held:
+            handle = held.pop()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    try:
+        while True:
+            with file_lock(folder / "gate"):
+                for index in range(slots):
+                    handle = open(folder / f"slot-{index}", "a")
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        handle.close()
+                        continue
+                    held.append(handle)
+                    if len(held) == occupy:
+                        break
+                if len(held) == occupy:
+                    break
+                release()
+            time.sleep(MACHINE_POLL_S)
+        yield
+    finally:
+        release()

@@ -132,6 +132,8 @@ def local_pool(
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
                 "TAAS_HOME": str(folder / "home"),
                 "TAAS_LINE_WORKER_NAME": name,
+                # each worker stands for a machine of one line process
+                "TAAS_LINE_MACHINE_SLOTS": "1",
                 "PYTHONPATH": str(REPO),
                 **{k: v.replace("{s3}", s3_url) for k, v in (worker_env or {}).items()},
             }

@@ -5,7 +5,9 @@ deployment from prefect.yaml (``prefect deploy``), two ``prefect worker start --
 workers, each in its own working folder with its own TAAS_HOME and PREFECT_HOME, and moto's S3
 server: the only thing the cycle (this process, with a third TAAS_HOME) shares with the workers.
 
-1. A cycle's four lines complete, two on each worker, their candidates back in the cycle's folder.
+1. A cycle's four lines complete, two on each worker, their candidates back in the cycle's folder;
+   each worker takes two runs at once (``--limit 2``) but its machine's one process slot lets
+   only one of them train at a time.
 2. A line's worker is killed (SIGKILL of its whole process tree) once the line has published a
    checkpoint; the cycle notices the silent heartbeat, resubmits, and the other worker resumes
    from the newest checkpoint in the store, losing no more steps than the checkpoint interval.
@@ -35,7 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Server, deployment, two workers and the S3 endpoint; every process tree killed after."""
-    with local_pool(tmp_path_factory.mktemp("pool")) as pool:
+    with local_pool(tmp_path_factory.mktemp("pool"), limit=2) as pool:
         yield pool
 
 
@@ -74,6 +76,19 @@ def test_four_lines_two_per_worker(cluster, tiny_base, prepared_data):
     assert f"factory/trees/{base_tree}.json" in trees
     # base, the data's train split, and per line its candidate and its one checkpoint (step 1)
     assert len(trees) == 2 + 4 + 4
+    # on each machine (one process slot) one line trained at a time, the other waiting staged
+    from flows.train_line import LineOutcome
+
+    page = s3.list_objects_v2(Bucket=BUCKET, Prefix="factory/lines/expert-four/")["Contents"]
+    outcomes = [LineOutcome.model_validate_json(s3.get_object(Bucket=BUCKET, Key=o["Key"])[
+        "Body"].read()) for o in page if "/results/" in o["Key"]]  # fmt: skip
+    assert len(outcomes) == 4
+    for worker in ("wA", "wB"):
+        first, second = sorted((o for o in outcomes if o.worker == worker),
+                               key=lambda o: o.train_window)  # fmt: skip
+        assert first.train_window[1] <= second.train_window[0], (worker, first, second)
+        # ... and the second was taken while the first trained: it waited for the slot
+        assert second.timings["wait_s"] > 1.0, second.timings
 
 
 def test_killed_worker_line_resumes_on_the_other(cluster, tiny_base, prepared_data):
