@@ -142,31 +142,36 @@ def held_machine_slots(folder: Path, slots: int, occupy: int) -> Iterator[None]:
             f"{slots} slots"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    held: list = []
-
-    def release() -> None:
-        while held:
-            handle = held.pop()
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-
+    while True:
+        with file_lock(folder / "gate"):
+            held = _take_slots(folder, slots, occupy)
+        if held:
+            break
+        time.sleep(MACHINE_POLL_S)
     try:
-        while True:
-            with file_lock(folder / "gate"):
-                for index in range(slots):
-                    handle = open(folder / f"slot-{index}", "a")
-                    try:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        handle.close()
-                        continue
-                    held.append(handle)
-                    if len(held) == occupy:
-                        break
-                if len(held) == occupy:
-                    break
-                release()
-            time.sleep(MACHINE_POLL_S)
         yield
     finally:
-        release()
+        _release(held)
+
+
+def _take_slots(folder: Path, slots: int, occupy: int) -> list:
+    """``occupy`` locked slot files, or none (all released) when fewer are free."""
+    held = []
+    for index in range(slots):
+        handle = open(folder / f"slot-{index}", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        held.append(handle)
+        if len(held) == occupy:
+            return held
+    _release(held)
+    return []
+
+
+def _release(held: list) -> None:
+    for handle in held:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

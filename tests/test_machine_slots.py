@@ -18,6 +18,7 @@ import pytest
 
 from infra.hardware import machine_slots
 from tasks.slots import held_machine_slots
+from tests.line_cluster import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -47,19 +48,13 @@ def _window(out: Path) -> tuple[float, float]:
     return float(start), float(end)
 
 
-def _wait_for(path: Path, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def _run(folder: Path, tmp: Path, slots: int, occupies: list[int], hold: float) -> list:
     procs = []
     for index, occupy in enumerate(occupies):
         procs.append(_holder(folder, slots, occupy, hold, tmp / f"w{index}"))
         if index == 0:
-            _wait_for(tmp / "w0.in")  # the first one holds its slots before the others ask
+            # the first one holds its slots before the others ask
+            wait_for("the first holder", (tmp / "w0.in").exists, 60, 0.05)
     for proc in procs:
         assert proc.wait(timeout=120) == 0
     return [_window(tmp / f"w{i}") for i in range(len(occupies))]
@@ -84,7 +79,7 @@ def test_a_line_of_two_processes_takes_both_slots(tmp_path):
 def test_a_killed_holders_slot_goes_to_the_waiter_at_once(tmp_path):
     folder = tmp_path / "slots"
     victim = _holder(folder, 1, 1, 600, tmp_path / "victim")
-    _wait_for(tmp_path / "victim.in")
+    wait_for("the victim", (tmp_path / "victim.in").exists, 60, 0.05)
     waiter = _holder(folder, 1, 1, 0, tmp_path / "waiter")
     time.sleep(1.0)
     assert waiter.poll() is None  # still waiting: the slot is the victim's
