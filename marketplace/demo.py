@@ -3,24 +3,27 @@
 :class:`RoutedGenerator` holds the base model once and composes the requested experts into a
 routed mixture (:class:`factory.mixture.MixtureModel`, cached per set of expert folders; the
 mixtures share the base model). Decoding is greedy, one token at a time with the base's KV cache
-(:func:`factory.mixture.stream_routes`), so the demo can stream.
+(:func:`factory.mixture.stream_routes`), and each token is handed out as it is decoded, so the
+live demo streams.
 As in :func:`factory.mixture.generate_with_routes`, a token's route is the majority over layers
 of the top-1 route at the position that predicted it; ``"base"`` is the mixture's null route
 (the base model alone). The model is shared between requests, so each decoding step runs under
 one lock; a mixture is composed once per set of experts (least recently used dropped).
-Whole completions (:meth:`RoutedGenerator.complete`, the completions API) of one set of experts
-that arrive within :data:`BATCH_WINDOW_S` of each other decode together, as one left-padded
-batch with one KV cache: one forward per step for all of them instead of one each. Routing is
-per token, so a row's routes and tokens are what it would get alone.
+Requests of one set of experts that arrive within :data:`BATCH_WINDOW_S` of each other, streamed
+(:meth:`RoutedGenerator.stream`, the live demo) or whole (:meth:`RoutedGenerator.complete`, the
+completions API), decode together in a thread of their own, as one left-padded batch with one KV
+cache: one forward per step for all of them instead of one each. Routing is per token, so a
+row's routes and tokens are what it would get alone.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,13 +56,13 @@ class ExpertHandle:
 
 @dataclass
 class _Waiting:
-    """One completion waiting to be decoded with others of the same experts."""
+    """One request of a batch: its prompt, then its tokens as they are decoded (a
+    :class:`RoutedToken` each; ``None`` at its end, or the exception that ended the batch)."""
 
     ids: list[int]
     max_new_tokens: int
-    done: threading.Event
-    tokens: list[RoutedToken] | None = None
-    error: BaseException | None = None
+    tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False  # its reader stopped (a closed stream): decoding drops the row
 
 
 class RoutedGenerator:
@@ -79,7 +82,7 @@ class RoutedGenerator:
         self._building: dict[tuple[Path, ...], threading.Lock] = {}
         self._waiting: dict[tuple[Path, ...], list[_Waiting]] = {}  # under _cache_lock
         self.builds = 0  # mixtures built so far (read by tests and metrics)
-        self.batches = 0  # batches decoded by complete() (read by tests and metrics)
+        self.batches = 0  # batches decoded so far (read by tests and metrics)
 
     def prompt_ids(self, prompt: str | list[dict[str, str]], chat: bool = False) -> list[int]:
         """Token ids of a prompt (``chat``: one user turn through the base's chat template; a
@@ -139,24 +142,12 @@ class RoutedGenerator:
         max_new_tokens: int,
         chat: bool = False,
     ) -> Iterator[RoutedToken]:
-        """Greedy tokens one at a time, each with the expert it was routed to."""
+        """Greedy tokens as they are decoded, each with the expert it was routed to; decoded in
+        one batch with the requests of the same experts that arrive together (module doc)."""
         self._check_request(handles, max_new_tokens)
-        ids = self.prompt_ids(prompt, chat)
-        generated: list[int] = []
-        text_so_far = ""
-        eos = self.tokenizer.eos_token_id
-        mixture, by_route = self._mixture(handles)
-        steps = stream_routes(mixture, torch.tensor([ids]), max_new_tokens=max_new_tokens)
-        for _ in range(max_new_tokens):
-            # One step per hold of the lock, so requests interleave; the KV cache is per request.
-            with self._lock, torch.inference_mode():
-                step = next(steps)
-            token = int(step.token_ids_B[0])
-            if token == eos:
-                break
-            generated.append(token)
-            piece, text_so_far = self._next_piece(generated, text_so_far)
-            yield self._routed(token, piece, mixture.route_name(int(step.route_ids_B[0])), by_route)
+        yield from self._tokens_of(
+            self._submit(handles, self.prompt_ids(prompt, chat), max_new_tokens)
+        )
 
     def _check_request(self, handles: list[ExpertHandle], max_new_tokens: int) -> None:
         if not handles:
@@ -185,39 +176,68 @@ class RoutedGenerator:
         max_new_tokens: int,
         chat: bool = False,
     ) -> tuple[int, list[RoutedToken]]:
-        """A whole completion, (prompt tokens, tokens), as :meth:`stream` gives it; decoded in
-        one batch with the completions of the same experts that arrive together (see the
-        module doc). The first to arrive waits :data:`BATCH_WINDOW_S` and decodes for all."""
+        """A whole completion, (prompt tokens, tokens), as :meth:`stream` gives it."""
         self._check_request(handles, max_new_tokens)
         ids = self.prompt_ids(prompt, chat)
-        mine = _Waiting(ids, max_new_tokens, threading.Event())
+        return len(ids), list(self._tokens_of(self._submit(handles, ids, max_new_tokens)))
+
+    def _submit(self, handles: list[ExpertHandle], ids: list[int], max_new_tokens: int) -> _Waiting:
+        """Queues a request for decoding. The first of a set of experts to arrive starts a
+        decoding thread, which waits :data:`BATCH_WINDOW_S` for others to join, then decodes
+        them all; the requests' own threads only read their tokens, so a slow or closed
+        stream never holds up the rest of its batch."""
+        mine = _Waiting(ids, max_new_tokens)
         key = tuple(sorted(handle.folder for handle in handles))
         with self._cache_lock:
             waiting = self._waiting.setdefault(key, [])
             waiting.append(mine)
             first = len(waiting) == 1
         if first:
-            time.sleep(BATCH_WINDOW_S)  # the others of this batch join meanwhile
-            with self._cache_lock:
-                batch = self._waiting.pop(key)
-            for start in range(0, len(batch), MAX_BATCH):
-                rows = batch[start : start + MAX_BATCH]
-                try:
-                    self._decode_together(handles, rows)
-                except BaseException as exc:  # every row of it is told, not left waiting
-                    for row in rows:
-                        row.error = exc
-                finally:
-                    for row in rows:
-                        row.done.set()
-        mine.done.wait()
-        if mine.error is not None:
-            raise mine.error
-        return len(ids), mine.tokens or []
+            threading.Thread(
+                target=self._decode_arrivals, args=(key, handles), name="taas-decode", daemon=True
+            ).start()
+        return mine
+
+    def _tokens_of(self, mine: _Waiting) -> Iterator[RoutedToken]:
+        try:
+            while (item := mine.tokens.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            mine.cancelled = True  # read to the end, or the reader went away
+
+    def _decode_arrivals(self, key: tuple[Path, ...], handles: list[ExpertHandle]) -> None:
+        time.sleep(BATCH_WINDOW_S)  # the others of this batch join meanwhile
+        with self._cache_lock:
+            arrived = self._waiting.pop(key)
+        batches = [
+            arrived[start : start + MAX_BATCH] for start in range(0, len(arrived), MAX_BATCH)
+        ]
+        # Batches past the first decode in threads of their own, interleaved step by step with
+        # this one, so no request waits for a whole batch ahead of it.
+        for rows in batches[1:]:
+            threading.Thread(
+                target=self._decode_batch, args=(handles, rows), name="taas-decode", daemon=True
+            ).start()
+        self._decode_batch(handles, batches[0])
+
+    def _decode_batch(self, handles: list[ExpertHandle], rows: list[_Waiting]) -> None:
+        with self._cache_lock:  # counted first: its rows may be read out before it returns
+            self.batches += 1
+        try:
+            self._decode_together(handles, rows)
+        except BaseException as exc:  # every row of it is told, not left waiting
+            for row in rows:
+                row.tokens.put(exc)
+        finally:
+            for row in rows:
+                row.tokens.put(None)  # a no-op for a row that ended or failed already
 
     def _decode_together(self, handles: list[ExpertHandle], rows: list[_Waiting]) -> None:
-        """Greedy decoding of the rows as one left-padded batch; each row ends at its EOS (not
-        kept) or after its own ``max_new_tokens``."""
+        """Greedy decoding of the rows as one left-padded batch, each row's tokens handed to it
+        as they come; a row ends at its EOS (not kept), after its own ``max_new_tokens``, or when
+        its reader goes away."""
         mixture, by_route = self._mixture(handles)
         width = max(len(row.ids) for row in rows)
         pad = self.tokenizer.pad_token_id
@@ -228,29 +248,25 @@ class RoutedGenerator:
         steps = stream_routes(mixture, ids_BT, mask_BT, max_new_tokens=longest)
         eos = self.tokenizer.eos_token_id
         new_ids: list[list[int]] = [[] for _ in rows]
-        routes: list[list[int]] = [[] for _ in rows]
+        texts = [""] * len(rows)
         open_rows = [True] * len(rows)
         for _ in range(longest):
-            with self._lock, torch.inference_mode():  # one step per hold, as in stream()
+            with self._lock, torch.inference_mode():  # one step per hold: batches interleave
                 step = next(steps)
-            for i, (token, route) in enumerate(
-                zip(step.token_ids_B.tolist(), step.route_ids_B.tolist(), strict=True)
-            ):
+            tokens, routes = step.token_ids_B.tolist(), step.route_ids_B.tolist()
+            for i, row in enumerate(rows):
                 if not open_rows[i]:
                     continue
-                if token == eos:
+                if tokens[i] == eos or row.cancelled:
                     open_rows[i] = False
+                    row.tokens.put(None)
                     continue
-                new_ids[i].append(token)
-                routes[i].append(route)
-                open_rows[i] = len(new_ids[i]) < rows[i].max_new_tokens
+                new_ids[i].append(tokens[i])
+                piece, texts[i] = self._next_piece(new_ids[i], texts[i])
+                route = mixture.route_name(routes[i])
+                row.tokens.put(self._routed(tokens[i], piece, route, by_route))
+                if len(new_ids[i]) >= row.max_new_tokens:
+                    open_rows[i] = False
+                    row.tokens.put(None)
             if not any(open_rows):
                 break
-        with self._cache_lock:
-            self.batches += 1
-        for row, ids, row_routes in zip(rows, new_ids, routes, strict=True):
-            tokens, text_so_far = [], ""
-            for n, (token, route) in enumerate(zip(ids, row_routes, strict=True), start=1):
-                piece, text_so_far = self._next_piece(ids[:n], text_so_far)
-                tokens.append(self._routed(token, piece, mixture.route_name(route), by_route))
-            row.tokens = tokens

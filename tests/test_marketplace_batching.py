@@ -1,8 +1,10 @@
-"""Completions that arrive together decode as one batch, each getting what it would alone: over
-HTTP (/v1/completions from parallel clients) and through the generator directly."""
+"""Requests that arrive together decode as one batch, each getting what it would alone: whole
+completions and token streams, over HTTP (/v1/completions and the live demo's /demo/stream from
+parallel clients) and through the generator directly."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -24,7 +26,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def market(tiny_base, tmp_path_factory):
-    return build_market(tiny_base, tmp_path_factory.mktemp("batch-market"))
+    # a burst large enough for the parallel demo visitors, who all come from one address
+    return build_market(tiny_base, tmp_path_factory.mktemp("batch-market"), demo_burst=16)
 
 
 def handles_of(market, names):
@@ -87,3 +90,68 @@ def test_parallel_api_clients_get_what_each_would_alone(market):
     for i in range(len(bodies)):
         assert answers[i]["choices"] == alone[i]["choices"]
         assert answers[i]["usage"] == alone[i]["usage"]
+
+
+def in_parallel(count: int, work) -> dict[int, object]:
+    """``work(i)`` for i < count, each in a thread, all released at once; their results by i."""
+    barrier = threading.Barrier(count)
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_streams_arriving_together_decode_as_one_batch_and_a_closed_one_drops_out(market):
+    generator = market.generator
+    handles = handles_of(market, ["law-expert", "tax-expert"])
+    lengths = [5, 12, 1, 8, 12, 3]
+    alone = [
+        list(generator.stream(handles, prompt, n))
+        for prompt, n in zip(PROMPTS, lengths, strict=True)
+    ]
+    assert all(alone), "every prompt decodes at least one token alone"
+    before = generator.batches
+
+    def read(i: int) -> list:
+        tokens = generator.stream(handles, PROMPTS[i], lengths[i])
+        if i == 1:  # this reader leaves after its first token, as a closed browser tab does
+            first = next(tokens)
+            tokens.close()
+            return [first]
+        return list(tokens)
+
+    results = in_parallel(len(PROMPTS), read)
+    assert generator.batches - before < len(PROMPTS)
+    for i in range(len(PROMPTS)):
+        assert results[i] == (alone[i][:1] if i == 1 else alone[i]), PROMPTS[i]
+
+
+def test_parallel_demo_visitors_stream_in_one_batch_each_as_alone(market):
+    generator, limit = market.generator, market.config.demo_max_new_tokens
+    handle = market.handle(market.catalog.get("law-expert"))
+    prompts = PROMPTS[:4]
+    alone = [
+        [{"text": t.text, "expert": t.expert} for t in generator.stream([handle], p, limit, True)]
+        for p in prompts
+    ]
+    with TestClient(create_app(market)) as client:
+        before = generator.batches
+
+        def visit(i: int) -> list[dict]:
+            form = {"expert": "law-expert", "prompt": prompts[i]}
+            response = client.post("/demo/stream", data=form)
+            assert response.status_code == 200, response.text
+            return [json.loads(line) for line in response.text.splitlines()]
+
+        answers = in_parallel(len(prompts), visit)
+    assert generator.batches - before < len(prompts)
+    for i in range(len(prompts)):
+        assert answers[i] == [*alone[i], {"done": True}], prompts[i]
