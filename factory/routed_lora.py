@@ -7,12 +7,19 @@ A mixture layer applies, per token n and chosen expert e with routing weight w,
 (``A[ids]``: [N, K, R, D] copies per projection) is memory-bound and ran at a twelfth of the
 base's speed; here instead, per layer (:func:`route_plan`, shared by gate, up and down):
 
+- gathered, for a few tokens (a decoding step): each token-route pair's factors are gathered
+  (``A[ids]``: P copies, the null route's pairs at weight 0) and applied as one batched matmul
+  of 1-row products, so a step costs the same few ops however many experts there are;
 - dense, while E * R is small: ``x @ A_all^T`` for every expert in one matmul, each token's
   weight on every expert (0 where not chosen), then ``@ B_all`` in one matmul
   (:meth:`factory.mixture.MixtureModel._dense_mlp`);
 - grouped, otherwise: the token-route pairs are sorted by expert and each expert multiplies
-  only its own segment (``torch.nn.functional.grouped_mm`` where the device and dtype run it,
-  a loop over the non-empty segments elsewhere); the results are added back per token.
+  only its own segment; the results are added back per token. Where the experts' segments are
+  about even (the padded rows below at most :data:`PADDED_MAX_WASTE` times the pairs), each
+  segment is padded to the longest one and every expert's product is one batched matmul
+  (``torch.bmm`` over [E, C, D]: the pad slots carry weight 0 and add exactly 0 to token 0);
+  where a few experts take most tokens, ``torch.nn.functional.grouped_mm`` where the device
+  and dtype run it, a loop over the non-empty segments elsewhere.
 
 Both give the gather's numbers (within float rounding; tests/test_mixture_fast_path.py keeps the
 gather as the reference). Nothing here moves tensors between devices.
@@ -34,15 +41,32 @@ from torch import nn
 DENSE_MAX_STACKED_RANK = 64
 
 
+# At or below this many token-route pairs (N * K: a decoding step of up to 8 rows at top-2),
+# the chosen experts' factors are gathered per pair: nothing is sorted and no host sync is
+# needed, and the copies stay small. On the demo base at E = 64 a decoding step through the
+# grouped path cost several times the ops of the dense one at E = 1.
+GATHER_MAX_PAIRS = 16
+
+# The padded layout's rows (E * the longest segment) at most this many times the pairs routed
+# to experts. On CPU one bmm over 64 even segments ran 3x faster than grouped_mm and 5x faster
+# than the segment loop (fp32, 2 threads, the real base's sizes); when routing is skewed the
+# padding would multiply the work instead, and the segment forms serve.
+PADDED_MAX_WASTE = 2.0
+
+
 @dataclass
 class RoutePlan:
     """How one layer's tokens reach their experts, shared by the layer's three projections.
 
     Exactly one form is set: ``expert`` (a forced route: every token, weight 1); ``weights_NE``
-    (dense: each token's weight on every expert, 0 where not chosen); or the grouped form, the
+    (dense: each token's weight on every expert, 0 where not chosen); the gathered form, every
+    token-route pair in token order: ``token_P``, ``weight_P1`` (0 on the null route) and
+    ``expert_P`` (the pair's expert; 0 for the null route); or the grouped form, the
     token-route pairs of real experts (null pairs dropped) sorted by expert: ``token_P`` (the
     token of each pair), ``weight_P1`` (its routing weight), ``offsets_E`` (cumulative pair
-    counts per expert, int32, as grouped_mm takes them) and ``counts`` (the same, per expert)."""
+    counts per expert, int32, as grouped_mm takes them) and ``counts`` (the same, per expert).
+    In the padded grouped form (``capacity`` set) P is E * capacity slots, expert e's pairs in
+    slots [e * capacity, e * capacity + counts[e]), and each free slot has token 0, weight 0."""
 
     expert: int | None = None
     weights_NE: torch.Tensor | None = None
@@ -50,6 +74,8 @@ class RoutePlan:
     weight_P1: torch.Tensor | None = None
     offsets_E: torch.Tensor | None = None
     counts: list[int] | None = None
+    capacity: int | None = None
+    expert_P: torch.Tensor | None = None
 
 
 def route_plan(
@@ -61,16 +87,37 @@ def route_plan(
         full = weights_NK.new_zeros(keys_NK.shape[0], num_experts + 1)
         return RoutePlan(weights_NE=full.scatter(1, keys_NK, weights_NK)[:, :num_experts])
     keys_P = keys_NK.reshape(-1)
+    if keys_P.numel() <= GATHER_MAX_PAIRS:
+        null_P = keys_P == num_experts
+        tokens = torch.arange(keys_NK.shape[0], device=keys_P.device)
+        return RoutePlan(
+            token_P=tokens.repeat_interleave(keys_NK.shape[1]),
+            weight_P1=weights_NK.reshape(-1, 1).masked_fill(null_P[:, None], 0.0),
+            expert_P=keys_P.masked_fill(null_P, 0),
+        )
     counts_R = torch.bincount(keys_P, minlength=num_experts + 1)
     order_P = keys_P.argsort(stable=True)
     # One host sync per layer: how many pairs are routed to experts (the null pairs sort last).
     counts = counts_R[:num_experts].tolist()
-    order_P = order_P[: sum(counts)]
+    pairs = sum(counts)
+    order_P = order_P[:pairs]
+    token_P = order_P // keys_NK.shape[1]
+    weight_P1 = weights_NK.reshape(-1)[order_P].unsqueeze(-1)
+    ends_E = counts_R[:num_experts].cumsum(0)
+    capacity = max(counts, default=0)
+    if pairs and num_experts * capacity <= PADDED_MAX_WASTE * pairs:
+        expert_P = keys_P[order_P]
+        starts_P = (ends_E - counts_R[:num_experts])[expert_P]
+        slot_P = expert_P * capacity + torch.arange(pairs, device=keys_P.device) - starts_P
+        slots = num_experts * capacity
+        return RoutePlan(
+            token_P=token_P.new_zeros(slots).index_copy(0, slot_P, token_P),
+            weight_P1=weight_P1.new_zeros(slots, 1).index_copy(0, slot_P, weight_P1),
+            counts=counts,
+            capacity=capacity,
+        )
     return RoutePlan(
-        token_P=order_P // keys_NK.shape[1],
-        weight_P1=weights_NK.reshape(-1)[order_P].unsqueeze(-1),
-        offsets_E=counts_R[:num_experts].cumsum(0).to(torch.int32),
-        counts=counts,
+        token_P=token_P, weight_P1=weight_P1, offsets_E=ends_E.to(torch.int32), counts=counts
     )
 
 
@@ -110,7 +157,13 @@ def _probe_grouped_mm(x_PD: torch.Tensor, w_EDO: torch.Tensor, backward: bool) -
 
 
 def segment_matmul(x_PD: torch.Tensor, w_EDO: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
-    """[P, O]: each expert's segment of the sorted pairs times that expert's matrix."""
+    """[P, O]: each expert's segment of the sorted pairs times that expert's matrix (in the
+    gathered form, each pair times its own expert's matrix)."""
+    if plan.expert_P is not None:
+        return torch.bmm(x_PD.unsqueeze(1), w_EDO.index_select(0, plan.expert_P)).squeeze(1)
+    if plan.capacity is not None:
+        experts, capacity = w_EDO.shape[0], plan.capacity
+        return torch.bmm(x_PD.view(experts, capacity, -1), w_EDO).view(experts * capacity, -1)
     if _grouped_mm_works(x_PD, w_EDO):
         return nn.functional.grouped_mm(x_PD, w_EDO, offs=plan.offsets_E)
     pieces, start = [], 0

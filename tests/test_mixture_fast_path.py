@@ -1,7 +1,7 @@
-"""The mixture's fast paths (factory.routed_lora: dense, grouped_mm, segment loop) against the
-per-token gather they replaced, kept here as the reference: same routes, outputs within 1e-5 in
-fp32, same router gradients (router annealing trains through the mixture), forced routes; the
-same code in bf16 and, where there is one, on a GPU."""
+"""The mixture's fast paths (factory.routed_lora: dense, gathered, padded bmm, grouped_mm,
+segment loop) against the per-token gather they replaced, kept here as the reference: same
+routes, outputs within 1e-5 in fp32, same router gradients (router annealing trains through the
+mixture), forced routes; the same code in bf16 and, where there is one, on a GPU."""
 
 from __future__ import annotations
 
@@ -115,11 +115,13 @@ def _blocks(tiny_base):
     return torch.cat([blocks["digits"][1][:3], blocks["licence"][1][:3]])
 
 
-PATHS = ("dense", "grouped_mm", "segment_loop")
+PATHS = ("dense", "gathered", "padded", "grouped_mm", "segment_loop")
 
 
 def _use_path(monkeypatch, path: str) -> None:
+    monkeypatch.setattr(routed_lora, "GATHER_MAX_PAIRS", 10**6 if path == "gathered" else 0)
     monkeypatch.setattr(routed_lora, "DENSE_MAX_STACKED_RANK", 10**6 if path == "dense" else 0)
+    monkeypatch.setattr(routed_lora, "PADDED_MAX_WASTE", 10**6 if path == "padded" else 0)
     if path == "segment_loop":
         monkeypatch.setattr(routed_lora, "_grouped_mm_works", lambda x, w: False)
 
@@ -180,6 +182,8 @@ def test_route_plan_sorts_pairs_by_expert_and_drops_the_null_route(monkeypatch):
     keys_NK = torch.tensor([[2, 0], [3, 1], [0, 2], [1, 3]])  # 3 experts; 3 = the null route
     weights_NK = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1], [0.8, 0.2]])
     monkeypatch.setattr(routed_lora, "DENSE_MAX_STACKED_RANK", 0)
+    monkeypatch.setattr(routed_lora, "GATHER_MAX_PAIRS", 0)
+    monkeypatch.setattr(routed_lora, "PADDED_MAX_WASTE", 0)
     plan = route_plan(keys_NK, weights_NK, num_experts=3, rank=4)
     assert plan.token_P.tolist() == [0, 2, 1, 3, 0, 2]  # expert 0: tokens 0, 2; 1: 1, 3; 2: 0, 2
     assert plan.weight_P1[:, 0].tolist() == pytest.approx([0.4, 0.9, 0.3, 0.8, 0.6, 0.1])
@@ -188,6 +192,41 @@ def test_route_plan_sorts_pairs_by_expert_and_drops_the_null_route(monkeypatch):
     dense = route_plan(keys_NK, weights_NK, num_experts=3, rank=4)
     expected = [[0.4, 0.0, 0.6], [0.0, 0.3, 0.0], [0.9, 0.0, 0.1], [0.0, 0.8, 0.0]]
     torch.testing.assert_close(dense.weights_NE, torch.tensor(expected))
+
+
+def test_gathered_plan_keeps_token_order_and_zeroes_the_null_route():
+    keys_NK = torch.tensor([[2, 0], [3, 1]])  # 3 experts; 3 = the null route
+    weights_NK = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
+    plan = route_plan(keys_NK, weights_NK, num_experts=3, rank=64)  # E * R over the dense limit
+    assert plan.token_P.tolist() == [0, 0, 1, 1] and plan.expert_P.tolist() == [2, 0, 0, 1]
+    assert plan.weight_P1[:, 0].tolist() == pytest.approx([0.6, 0.4, 0.0, 0.3])
+    x_PD = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    w_EDO = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(1))
+    expected = torch.stack([x_PD[i] @ w_EDO[e] for i, e in enumerate([2, 0, 0, 1])])
+    torch.testing.assert_close(segment_matmul(x_PD, w_EDO, plan), expected, atol=1e-6, rtol=0)
+
+
+def test_padded_plan_puts_each_experts_pairs_in_its_own_slots_and_pads_with_zero_weight(
+    monkeypatch,
+):
+    keys_NK = torch.tensor([[0, 1], [0, 3], [2, 0]])  # 3 experts; 3 = the null route
+    weights_NK = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1]])
+    monkeypatch.setattr(routed_lora, "DENSE_MAX_STACKED_RANK", 0)
+    monkeypatch.setattr(routed_lora, "GATHER_MAX_PAIRS", 0)
+    plan = route_plan(keys_NK, weights_NK, num_experts=3, rank=4)
+    # 5 pairs to experts; the longest segment (expert 0: tokens 0, 1, 2) sets capacity 3, and
+    # 3 * 3 = 9 slots are within PADDED_MAX_WASTE (2) x 5 pairs
+    assert plan.capacity == 3 and plan.counts == [3, 1, 1] and plan.offsets_E is None
+    assert plan.token_P.tolist() == [0, 1, 2, 0, 0, 0, 2, 0, 0]
+    expected = [0.6, 0.7, 0.1, 0.4, 0.0, 0.0, 0.9, 0.0, 0.0]
+    assert plan.weight_P1[:, 0].tolist() == pytest.approx(expected)
+    x_PD = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+    w_EDO = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(1))
+    out = segment_matmul(x_PD, w_EDO, plan)
+    torch.testing.assert_close(out[3:6], x_PD[3:6] @ w_EDO[1], atol=1e-6, rtol=0)
+    # skewed routing (every token to expert 0) would pad 3 slots per pair: the segment form
+    skewed = route_plan(torch.tensor([[0, 3], [0, 3], [0, 3]]), weights_NK, 3, 4)
+    assert skewed.capacity is None and skewed.offsets_E.tolist() == [3, 3, 3]
 
 
 def test_segment_matmul_grouped_mm_and_loop_agree_with_empty_segments(monkeypatch):
