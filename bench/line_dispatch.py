@@ -27,8 +27,10 @@ is roughly constant per line, so ``ratio_60s = overhead / 60`` is what a 60 s li
 
 A line that starts while another trains on its machine slows that one down where the machine
 has no core to spare (this one has two, both training), and the slower training counts as
-``train_s``, not overhead. So a first round of ``--workers`` lines, one per worker with nothing
-else starting, gives the baseline ``alone_train_s``; ``overhead_vs_alone`` charges the short
+``train_s``, not overhead. So first a warm-up line (the first line on a machine also builds
+DeepSpeed's ops), then ``--workers`` rounds of a single line each, with nothing else starting
+(a round of several lines at once may put them all on one worker with ``--limit`` above 1),
+give the baseline ``alone_train_s``, their mean; ``overhead_vs_alone`` charges the short
 round every second its lines took beyond it: ``(workers * wall - lines * alone_train_s) / lines``.
 """
 
@@ -102,6 +104,7 @@ def round_of(pool: dict, base, data: Path, name: str, lines: int, steps: int) ->
     ]
     times = flow_runs(pool["api"], [o.flow_run_id for o in outcomes])
     rows, previous_end = [], {}
+    first_created = min(t["created"] for t in times.values())
     for o in sorted(outcomes, key=lambda o: times[o.flow_run_id]["start"]):
         t = times[o.flow_run_id]
         before = previous_end.get(o.worker, 0.0)  # a run taken while the last one ran: created
@@ -115,6 +118,9 @@ def round_of(pool: dict, base, data: Path, name: str, lines: int, steps: int) ->
                 "pickup_s": t["start"] - ready,
                 "engine_s": (t["end"] - t["start"]) - spent,
                 **o.timings,
+                # the training window from the round's first flow run (one clock on this machine)
+                "train_from_s": o.train_window[0] - first_created,
+                "train_to_s": o.train_window[1] - first_created,
             }
         )
     workers = len(pool["workers"])
@@ -160,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     data = prepared_data(base, root / "data")
     names = tuple(f"w{i}" for i in range(args.workers))
     with local_pool(root / "pool", names, limit=args.limit) as pool:
-        alone = round_of(pool, base, data, "alone", args.workers, args.steps)
-        print(summary(alone), flush=True)
+        print(summary(round_of(pool, base, data, "warm-up", 1, args.steps)), flush=True)
+        singles = [round_of(pool, base, data, f"alone{i}", 1, args.steps) for i in names]
+        for single in singles:
+            print(summary(single), flush=True)
+        alone = {"rounds": singles,
+                 "mean_train_s": statistics.mean(r["mean_train_s"] for r in singles)}  # fmt: skip
         short = round_of(pool, base, data, "short", args.lines, args.steps)
         print(summary(short), flush=True)
         long = None

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cli.progress import quiet_libraries
 from factory.base_model import PRESETS, REAL_PRESETS, load_base, resolve_base_model
 from factory.commission import BaseModelSection
 from factory.expert import LORA_TARGETS, Expert, ExpertManifest, adapter_key, lora_config_dict
@@ -218,6 +219,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    quiet_libraries()
     if args.memory_probe is not None:
         print(json.dumps(memory_probe(args.base, args.memory_probe, args.batch, args.seq)))
         return
