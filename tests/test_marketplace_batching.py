@@ -109,7 +109,7 @@ def in_parallel(count: int, work) -> dict[int, object]:
     return results
 
 
-def test_streams_arriving_together_decode_as_one_batch_and_a_closed_one_drops_out(market):
+def test_streams_arriving_together_decode_as_one_batch_and_closing_one_spares_the_rest(market):
     generator = market.generator
     handles = handles_of(market, ["law-expert", "tax-expert"])
     lengths = [5, 12, 1, 8, 12, 3]
