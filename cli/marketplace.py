@@ -1,6 +1,7 @@
 """``taas marketplace``: serve the marketplace, print revenue statements and readiness.
 
     taas marketplace serve [--host 127.0.0.1 --port 8000] [--sample N] [--secure-cookies]
+                           [--commission-terms FILE]
     taas marketplace statement CONTRIBUTOR [--period YYYY-MM] [--link-base http://host:port]
     taas marketplace readiness [--min-domains 20 --min-cycles 3]
     taas marketplace price NAME [--per-1k-tokens 0.002] [--weight-fee 900] [--maintenance-fee 150]
@@ -9,8 +10,11 @@
 ``serve`` reads the expert library (MLflow registry under the settings); ``--sample N`` serves N
 sample experts on the embedded base model instead. The HMAC secret for sessions and download
 links comes from ``TAAS_MARKETPLACE_SECRET`` or is created once under ``<home>/marketplace``.
-``price`` sets or changes a registered expert's prices without retraining (registered-model tags
-that override the prices its commission recorded); it prints the expert's price overrides.
+``--commission-terms`` names a YAML file of the spec sections (``expert``, ``budget``,
+``heldout``, ``router``, ``benchmarks``) every commission from the marketplace is trained with;
+without it they take a spec's defaults. ``price`` sets or changes a registered expert's prices
+without retraining (registered-model tags that override the prices its commission recorded); it
+prints the expert's price overrides.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--secure-cookies", action="store_true", help="served over HTTPS: Secure cookies, HSTS"
     )
+    serve.add_argument(
+        "--commission-terms", type=Path, default=None,
+        help="YAML of the spec sections buyers' commissions get (expert, budget, heldout, ...)",
+    )  # fmt: skip
     serve.set_defaults(handler=_serve)
     statement = sub.add_parser("statement", help="a contributor's revenue statement")
     statement.add_argument("contributor", help="the contributor id (e.g. line-0)")
@@ -110,6 +118,7 @@ def _secret(home: Path) -> str:
 
 def build_market(args: argparse.Namespace):
     from factory.base_model import BaseModelRef, base_model_sha256, ensure_base_model
+    from factory.commission import CommissionTerms, load_commission_terms
     from factory.ledger import Ledger
     from infra.settings import get_settings
     from marketplace.licensing import Licensing
@@ -138,7 +147,9 @@ def build_market(args: argparse.Namespace):
 
         catalog = library_catalog(settings)
         base_path = settings.base_model_dir or ensure_base_model(home, "demo").path
+    terms = getattr(args, "commission_terms", None)
     config = MarketplaceConfig(
+        commission_terms=CommissionTerms() if terms is None else load_commission_terms(terms),
         secret=_secret(home),
         transparency_dir=home / "transparency",
         base_model_path=base_path,

@@ -280,20 +280,20 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, source: str = "spec") -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "spec"
+    where = ".".join(str(p) for p in err["loc"]) or source
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
-        return f"spec: unknown field '{where}'; remove it or check its spelling{more}"
+        return f"{source}: unknown field '{where}'; remove it or check its spelling{more}"
     if err["type"] == "missing":
-        return f"spec: field '{where}' is required; add it{more}"
+        return f"{source}: field '{where}' is required; add it{more}"
     message = err["msg"].removeprefix("Value error, ")
     if not err["loc"]:
-        return f"spec: {message}{more}"
+        return f"{source}: {message}{more}"
     if err["type"] in ("literal_error", "enum"):
         message = f"{message}, got {err.get('input')!r}"
-    return f"spec: field '{where}': {message}; fix it in the spec{more}"
+    return f"{source}: field '{where}': {message}; fix it in the {source}{more}"
 
 
 def parse_spec(data: Any, base_dir: Path | None = None) -> CommissionSpec:
@@ -332,20 +332,55 @@ def _resolve_base_paths(section: dict, base_dir: Path) -> dict:
     }
 
 
-def load_spec(path: Path | str) -> CommissionSpec:
-    """Reads and validates a spec file; every problem is a one-line ValueError."""
-    path = Path(path)
+def _read_yaml(path: Path, source: str) -> Any:
+    """A YAML file's content; a missing file, non-UTF-8 text or bad YAML is a one-line
+    ValueError starting with ``source``."""
     if not path.is_file():
-        raise ValueError(f"spec: no such file {path}; check the path")
+        raise ValueError(f"{source}: no such file {path}; check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"spec: {path} is not UTF-8 text; save it as UTF-8") from None
+        raise ValueError(f"{source}: {path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "malformed"
-        raise ValueError(f"spec: malformed YAML{where} ({problem}); fix the syntax") from None
+        raise ValueError(f"{source}: malformed YAML{where} ({problem}); fix the syntax") from None
+
+
+class CommissionTerms(_Section):
+    """The spec sections a marketplace sets for every commission its buyers submit (a buyer
+    chooses only the data, domain, visibility and warm start); an absent section takes the
+    spec's defaults. ``taas marketplace serve --commission-terms FILE`` reads them."""
+
+    expert: ExpertSection | None = None
+    budget: BudgetSection | None = None
+    heldout: HeldoutSection | None = None
+    router: RouterSection | None = None
+    benchmarks: BenchmarksSection | None = None
+
+    def sections(self) -> dict[str, Any]:
+        """The given sections as a spec holds them (their own unset fields left out)."""
+        return {
+            name: section.model_dump(mode="json", exclude_unset=True)
+            for name in type(self).model_fields
+            if (section := getattr(self, name)) is not None
+        }
+
+
+def load_commission_terms(path: Path | str) -> CommissionTerms:
+    """Reads and validates a commission-terms file; every problem is a one-line ValueError."""
+    data = _read_yaml(Path(path), "commission terms")
+    try:
+        return CommissionTerms.model_validate(data or {})
+    except ValidationError as exc:
+        raise ValueError(_one_line(exc, "commission terms")) from None
+
+
+def load_spec(path: Path | str) -> CommissionSpec:
+    """Reads and validates a spec file; every problem is a one-line ValueError."""
+    path = Path(path)
+    data = _read_yaml(path, "spec")
     spec = parse_spec(data, base_dir=path.parent)
     spec._spec_dir = path.parent.absolute()
     return spec

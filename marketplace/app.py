@@ -164,7 +164,8 @@ def create_app(market: Market) -> FastAPI:
             from infra.settings import get_settings
 
             desks.append(CommissionDesk(get_settings(), config.base_model_path,
-                                        config.commission_price_per_step))  # fmt: skip
+                                        config.commission_price_per_step,
+                                        config.commission_terms))  # fmt: skip
         return desks[0]
 
     def entry_or_404(name: str, request: Request):

@@ -41,7 +41,7 @@ import yaml
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from factory.commission import FORMATS, BudgetSection, CommissionSpec, load_spec
+from factory.commission import FORMATS, CommissionSpec, CommissionTerms, load_spec
 from factory.customer import expert_id_for
 from factory.hashing import json_sha256
 from infra.atomic import atomic_write_json, committed_dir, file_lock, verify_committed
@@ -81,12 +81,10 @@ class CommissionDesk:
         settings: Settings,
         base_model_path: Path,
         price_per_step: Decimal,
-        budget: BudgetSection | None = None,
-        heldout: dict | None = None,
+        terms: CommissionTerms | None = None,
     ):
         self.settings, self.base_model_path = settings, Path(base_model_path)
-        self.price_per_step, self.budget = price_per_step, budget or BudgetSection()
-        self.heldout = heldout or {}
+        self.price_per_step, self.terms = price_per_step, terms or CommissionTerms()
         self.uploads = settings.home / "marketplace" / "uploads"
 
     def _folder(self, buyer_id: str, token: str) -> Path:
@@ -124,8 +122,7 @@ class CommissionDesk:
             "domain": domain,
             "data": [{"uri": f"data.{suffix}", "format": suffix}],
             "base_model": {},  # the base_model_dir of _checked_settings, here or on a worker
-            "budget": self.budget.model_dump(mode="json"),
-            "heldout": self.heldout,
+            **self.terms.sections(),
             "licence": {"type": "usage" if visibility == "public" else "exclusive"},
             "visibility": VISIBILITIES[visibility],
             "warm_start": warm_start,

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.bundle import WEIGHT_FILES
+from factory.commission import CommissionTerms
 from factory.hashing import bytes_sha256
 from infra.atomic import MARKER, verify_committed
 from marketplace.catalog import Catalog, CatalogEntry
@@ -63,6 +64,9 @@ class MarketplaceConfig(BaseModel):
     )
     commission_price_per_step: Decimal = Field(
         default=Decimal("0.05"), ge=0, description="estimate: price of one line's step"
+    )
+    commission_terms: CommissionTerms = Field(
+        default_factory=CommissionTerms, description="spec sections of buyers' commissions"
     )
 
 

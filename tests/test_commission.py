@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from factory.commission import CommissionSpec, load_spec, parse_spec, spec_sha256
+from factory.commission import (
+    CommissionSpec,
+    load_commission_terms,
+    load_spec,
+    parse_spec,
+    spec_sha256,
+)
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 MINIMAL = {"version": 1, "customer": "acme", "domain": "legal", "data": [{"uri": "/d/a.jsonl"}]}
@@ -112,3 +118,29 @@ def test_load_spec_errors_and_relative_paths(tmp_path):
         str(good.parent / ".." / "escape.jsonl"),  # kept visible for the URI validator
         "s3://bucket-a/p",
     ]
+
+
+def test_commission_terms_give_their_sections_and_bad_ones_are_one_line(tmp_path):
+    terms_file = tmp_path / "terms.yaml"
+    terms_file.write_text("budget: {cycles: 1, steps_per_cycle: 8}\nrouter: {steps: 4}\n")
+    terms = load_commission_terms(terms_file)
+    # only what the file gives: every other section and field keeps the spec's default
+    assert terms.sections() == {
+        "budget": {"cycles": 1, "steps_per_cycle": 8},
+        "router": {"steps": 4},
+    }
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_commission_terms(empty).sections() == {}
+    cases = {
+        "budget: {cycles: 0}\n": "commission terms: field 'budget.cycles': Input should be greater",
+        "data: []\n": "commission terms: unknown field 'data'",
+        "budget: [\n": "commission terms: malformed YAML at line",
+    }
+    for text, message in cases.items():
+        terms_file.write_text(text)
+        with pytest.raises(ValueError) as caught:
+            load_commission_terms(terms_file)
+        assert str(caught.value).startswith(message) and "\n" not in str(caught.value), text
+    with pytest.raises(ValueError, match="^commission terms: no such file"):
+        load_commission_terms(tmp_path / "absent.yaml")

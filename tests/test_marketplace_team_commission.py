@@ -15,12 +15,20 @@ import sys
 
 import httpx
 import pytest
+import yaml
 
 from factory.corpus import licence_paragraphs
 from tests.conftest import REPO, free_port
 from tests.test_marketplace import sign_up
 
 DEPLOYMENT = "buyer-commission/buyer-commission"
+TERMS = {
+    "budget": {"cycles": 1, "steps_per_cycle": 12, "production_lines": 2, "processes_per_line": 2,
+               "batch_size": 4, "seq_len": 64, "learning_rate": 0.01},
+    "heldout": {"pol_batches": 4, "eval_blocks": 32},
+    "router": {"steps": 10},
+    "benchmarks": {"limit": 10},
+}  # fmt: skip
 
 
 def _states(browser: httpx.Client) -> list[str]:
@@ -63,8 +71,12 @@ def test_team_mode_commission_runs_on_a_worker(tiny_base, tmp_path, postgres_url
                 "PYTHONPATH": str(REPO),
             }
             port = free_port()
+            # A tiny commission's terms (the defaults train 3 cycles of 2 lines x 30 steps).
+            terms = tmp_path / "commission-terms.yaml"
+            terms.write_text(json.dumps(TERMS))
             server = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "marketplace", "serve", "--port", str(port)],
+                [sys.executable, "-m", "cli.main", "marketplace", "serve", "--port", str(port),
+                 "--commission-terms", str(terms)],
                 env=env, cwd=REPO, stdout=open(tmp_path / "market.log", "wb"),
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
@@ -101,6 +113,8 @@ def test_team_mode_commission_runs_on_a_worker(tiny_base, tmp_path, postgres_url
     assert sorted(p.name for p in inbound.iterdir()) == ["data.jsonl", "spec.yaml"]
     assert (inbound / "spec.yaml").read_bytes() == (staged / "spec.yaml").read_bytes()
     assert (inbound / "data.jsonl").read_bytes() == data
+    spec = yaml.safe_load((inbound / "spec.yaml").read_text())  # the operator's terms, in full
+    assert {name: spec[name] for name in TERMS} == TERMS
     # What the buyer downloaded verifies offline against the published log and key.
     code = main(["verify", str(bundle), "--log", str(log), "--key", str(public)])
     out = capsys.readouterr().out.strip().splitlines()
