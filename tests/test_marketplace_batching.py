@@ -34,6 +34,23 @@ def handles_of(market, names):
     return [ExpertHandle(n, "1", market.catalog.expert_folder(n, "1")) for n in names]
 
 
+def in_parallel(count: int, work) -> dict[int, object]:
+    """``work(i)`` for i < count, each in a thread, all released at once; their results by i."""
+    barrier = threading.Barrier(count)
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def test_completions_arriving_together_decode_as_one_batch_with_their_own_results(market):
     generator = market.generator
     handles = handles_of(market, ["law-expert", "tax-expert"])
@@ -43,18 +60,9 @@ def test_completions_arriving_together_decode_as_one_batch_with_their_own_result
         for prompt, n in zip(PROMPTS, lengths, strict=True)
     ]
     before = generator.batches
-    barrier = threading.Barrier(len(PROMPTS))
-    results: dict[int, tuple[int, list]] = {}
-
-    def ask(i: int) -> None:
-        barrier.wait()
-        results[i] = generator.complete(handles, PROMPTS[i], lengths[i])
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = in_parallel(
+        len(PROMPTS), lambda i: generator.complete(handles, PROMPTS[i], lengths[i])
+    )
     batches = generator.batches - before
     assert batches < len(PROMPTS), (
         f"{batches} batches for {len(PROMPTS)} requests arriving together"
@@ -74,39 +82,14 @@ def test_parallel_api_clients_get_what_each_would_alone(market):
     with TestClient(create_app(market)) as client:
         alone = [client.post("/v1/completions", json=b, headers=headers).json() for b in bodies]
         before = market.generator.batches
-        barrier = threading.Barrier(len(bodies))
-        answers: dict[int, dict] = {}
-
-        def ask(i: int) -> None:
-            barrier.wait()
-            answers[i] = client.post("/v1/completions", json=bodies[i], headers=headers).json()
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = in_parallel(
+            len(bodies),
+            lambda i: client.post("/v1/completions", json=bodies[i], headers=headers).json(),
+        )
     assert market.generator.batches - before < len(bodies)
     for i in range(len(bodies)):
         assert answers[i]["choices"] == alone[i]["choices"]
         assert answers[i]["usage"] == alone[i]["usage"]
-
-
-def in_parallel(count: int, work) -> dict[int, object]:
-    """``work(i)`` for i < count, each in a thread, all released at once; their results by i."""
-    barrier = threading.Barrier(count)
-    results: dict[int, object] = {}
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def test_streams_arriving_together_decode_as_one_batch_and_closing_one_spares_the_rest(market):
