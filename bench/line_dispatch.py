@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (a timeout, a cancelled job) unwinds like Ctrl-C, so the pool's processes die.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(REPO))
+    from cli.progress import quiet_libraries
+
+    quiet_libraries()  # the bench's figures, not the libraries' bars and the cycle's log
     from factory.base_model import ensure_base_model
     from tests.conftest import CACHE  # the tests' offline environment and model cache
     from tests.line_cluster import local_pool

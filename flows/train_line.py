@@ -48,10 +48,12 @@ from infra import line_io
 from infra.hardware import machine_slots
 from infra.settings import get_settings
 from infra.storage import ObjectStore, open_store
-from tasks.slots import held_machine_slots
+from tasks.slots import held_machine_slots, held_slots
 from tasks.training import LineResult, run_training
 
 REPO = Path(__file__).resolve().parents[1]
+#: how often a line holding its machine's slots asks the pool's limit again
+POOL_POLL_S = 1.0
 
 
 class LineJob(BaseModel):
@@ -194,7 +196,6 @@ def _stage_inputs(store: ObjectStore, job: LineJob, work: Path, cache: Path) -> 
 @flow(name="train-line", flow_run_name="line {job.config.contributor_id} cycle {job.config.cycle}")
 def train_line_flow(job: LineJob) -> LineOutcome:
     """Trains one line on this machine (see the module docstring)."""
-    from prefect.concurrency.sync import concurrency
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
@@ -217,18 +218,18 @@ def train_line_flow(job: LineJob) -> LineOutcome:
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         slots = settings.line_machine_slots or machine_slots()
         clock = time.perf_counter()
-        with (
-            held_machine_slots(settings.home / "line-slots", slots, job.nprocs),
-            concurrency(pool_slots_name(job.pool), occupy=job.nprocs, strict=True),
-        ):
-            timings["wait_s"] = time.perf_counter() - clock
-            clock, started = time.perf_counter(), time.time()
-            with _working_in(work):
-                result = run_training(
-                    job.config, job.nprocs, job.launcher, job.timeout_s,
-                    job.tracking_uri, job.run_id, None, env,
-                )  # fmt: skip
-            window = (started, time.time())
+        with held_machine_slots(settings.home / "line-slots", slots, job.nprocs):
+            timings["machine_wait_s"] = time.perf_counter() - clock
+            # Asked again every POOL_POLL_S: the machine is idle while this line waits.
+            with held_slots(pool_slots_name(job.pool), job.nprocs, poll_s=POOL_POLL_S):
+                timings["wait_s"] = time.perf_counter() - clock
+                clock, started = time.perf_counter(), time.time()
+                with _working_in(work):
+                    result = run_training(
+                        job.config, job.nprocs, job.launcher, job.timeout_s,
+                        job.tracking_uri, job.run_id, None, env,
+                    )  # fmt: skip
+                window = (started, time.time())
         timings["train_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         mirror.sweep()

@@ -102,8 +102,13 @@ logging.getLogger("prefect._internal.concurrency").addFilter(_QuietWaitTimeouts(
 
 
 @contextmanager
-def held_slots(name: str, occupy: int) -> Iterator[None]:
-    """Holds ``occupy`` slots of ``name`` for the body; waits, reclaiming expired leases."""
+def held_slots(name: str, occupy: int, poll_s: float = WAIT_S) -> Iterator[None]:
+    """Holds ``occupy`` slots of ``name`` for the body; waits, reclaiming expired leases.
+
+    ``poll_s`` bounds each try: a refused acquisition comes back with the server's Retry-After
+    (up to the limit's mean occupancy, 30 s at most), which Prefect sleeps in full; a short
+    ``poll_s`` asks again sooner, for callers that must start the moment a slot frees.
+    """
     from prefect.concurrency.sync import concurrency
 
     with ExitStack() as stack:
@@ -114,7 +119,7 @@ def held_slots(name: str, occupy: int) -> Iterator[None]:
                         name,
                         occupy=occupy,
                         strict=True,
-                        timeout_seconds=WAIT_S,
+                        timeout_seconds=poll_s,
                         lease_duration=LEASE_S,
                     )  # fmt: skip
                 )

@@ -135,6 +135,7 @@ def local_pool(
                 # each worker stands for a machine of one line process
                 "TAAS_LINE_MACHINE_SLOTS": "1",
                 "PYTHONPATH": str(REPO),
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
                 **{k: v.replace("{s3}", s3_url) for k, v in (worker_env or {}).items()},
             }
             proc = subprocess.Popen(

@@ -102,3 +102,39 @@ def test_machine_slots_count_visible_gpus_else_cores():
     assert machine_slots({"CUDA_VISIBLE_DEVICES": "0,1,3"}) == 3
     assert machine_slots({"CUDA_VISIBLE_DEVICES": ""}) == cores
     assert machine_slots({"CUDA_VISIBLE_DEVICES": "-1"}) == cores
+
+
+STARTER = """
+import sys, time
+print("ready", flush=True)
+from flows.line_engine import import_engine
+import_engine()
+print(time.time(), "prefect.flow_engine" in sys.modules, flush=True)
+"""
+
+
+def _start_imports(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", STARTER], env=env, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)  # fmt: skip
+
+
+def test_a_flow_run_start_imports_while_it_holds_the_machines_start_lock(tmp_path):
+    """The train-line command (flows.line_engine) imports Prefect's engine only while no other
+    flow run of its machine (TAAS_HOME) does; without TAAS_HOME it takes no lock at all."""
+    from infra.atomic import file_lock
+
+    free_env = {k: v for k, v in os.environ.items() if k != "TAAS_HOME"}
+    free_env["PYTHONPATH"] = str(REPO)
+    with file_lock(tmp_path / "line-slots" / "start"):  # another run of the machine starting
+        locked = _start_imports({**free_env, "TAAS_HOME": str(tmp_path)})
+        free = _start_imports(free_env)
+        for child in (locked, free):
+            assert child.stdout.readline().strip() == "ready"
+        out, _ = free.communicate(timeout=120)  # the same imports, with no machine folder
+        assert free.returncode == 0 and out.split()[1] == "True"
+        time.sleep(2)
+        assert locked.poll() is None, "the start went on while its machine's lock was held"
+        released = time.time()
+    out, _ = locked.communicate(timeout=120)
+    imported_at, engine = out.split()
+    assert locked.returncode == 0 and engine == "True" and float(imported_at) >= released

@@ -8,6 +8,7 @@ deployment's parameters plus test overrides, on a copy of the ``tiny_commission`
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import shutil
 from datetime import UTC, datetime
@@ -83,6 +84,10 @@ def test_train_line_deployment_is_what_cycles_submit_to():
     assert list(flow.parameters.properties) == ["job"]
     assert deployment["work_pool"]["name"] == "lines"
     assert "taas" in deployment["tags"] and "schedules" not in deployment
+    # the worker starts the engine itself (one process per run), through the start lock
+    python, flag, module = deployment["work_pool"]["job_variables"]["command"].split()
+    assert (python, flag, module) == ("python", "-m", "flows.line_engine")
+    assert callable(importlib.import_module(module).main)
 
 
 def test_buyer_commission_deployment_takes_what_the_desk_submits():
