@@ -3,9 +3,11 @@
 Starts the test suite's local pool (tests/line_cluster.py: a real Prefect server, the
 ``train-line`` deployment, ``--workers`` process workers with their own TAAS_HOME, moto's S3 as
 the only thing shared), runs one cycle's train step of ``--lines`` short lines on the tiny base,
-then ``--long-lines`` lines of ``--long-steps`` steps to check the extrapolation::
+then ``--long-lines`` lines of ``--long-steps`` steps to check the extrapolation (with
+``--limit 1``, so that each worker takes one)::
 
-    python -m bench.line_dispatch --lines 8 --steps 4 --long-lines 2 --long-steps 600
+    python -m bench.line_dispatch --lines 8 --steps 4 --long-lines 0 --limit 2
+    python -m bench.line_dispatch --lines 8 --steps 4 --long-lines 2 --long-steps 4000 --limit 1
 
 Per line, from the Prefect server's flow-run times and the timings each line leaves in the
 store (:class:`flows.train_line.LineOutcome`):
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print("overhead_vs_alone: void, the alone round's lines shared a worker")
     print(f"overhead_vs_alone {vs_alone:.2f} s per line (alone_train_s "
           f"{alone['mean_train_s']:.2f}), ratio_60s {vs_alone / 60:.4f}")  # fmt: skip
-    if long is not None:
+    if long is not None and len({row["worker"] for row in long["rows"]}) < args.workers:
+        print("long lines: void, they shared a worker (use --limit 1 or more long lines)")
+    elif long is not None:
         measured = long["overhead_per_line_s"] / long["mean_train_s"]
         print(f"long lines: train {long['mean_train_s']:.1f} s, overhead "
               f"{long['overhead_per_line_s']:.2f} s, measured ratio {measured:.4f}")  # fmt: skip
