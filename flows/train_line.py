@@ -52,8 +52,6 @@ from tasks.slots import held_machine_slots, held_slots
 from tasks.training import LineResult, run_training
 
 REPO = Path(__file__).resolve().parents[1]
-#: how often a line holding its machine's slots asks the pool's limit again
-POOL_POLL_S = 1.0
 
 
 class LineJob(BaseModel):
@@ -220,8 +218,7 @@ def train_line_flow(job: LineJob) -> LineOutcome:
         clock = time.perf_counter()
         with held_machine_slots(settings.home / "line-slots", slots, job.nprocs):
             timings["machine_wait_s"] = time.perf_counter() - clock
-            # Asked again every POOL_POLL_S: the machine is idle while this line waits.
-            with held_slots(pool_slots_name(job.pool), job.nprocs, poll_s=POOL_POLL_S):
+            with held_slots(pool_slots_name(job.pool), job.nprocs):
                 timings["wait_s"] = time.perf_counter() - clock
                 clock, started = time.perf_counter(), time.time()
                 with _working_in(work):

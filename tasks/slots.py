@@ -34,8 +34,10 @@ from infra.prefect_server import DISK_LEASES
 TRAIN_SLOTS = "taas-train-slots"
 #: lease of a held slot, renewed in the background; the server's minimum is 60 s
 LEASE_S = 60.0
-#: how long a waiting line blocks before it looks for expired leases again
+#: how often a line waiting for slots looks for expired leases
 WAIT_S = 20.0
+#: how often a line waiting for slots asks for them again
+POLL_S = 1.0
 #: how often a line waiting for its machine's slots tries them again
 MACHINE_POLL_S = 0.1
 
@@ -89,43 +91,54 @@ def reclaim_expired_leases() -> int:
     return released
 
 
-class _QuietWaitTimeouts(logging.Filter):
-    """Prefect logs an ERROR for every acquisition that times out; here a timeout is only the
-    end of one wait (the line looks for expired leases and waits again), so it is dropped."""
+class _QuietRefusals(logging.Filter):
+    """Prefect logs an ERROR for every acquisition the server refuses; here a refusal is only
+    one try of a wait (:func:`held_slots` asks again), so it is dropped. Any other failure
+    still reaches the caller as an exception."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("SlotAcquisition" in message and "TimeoutError" in message)
+        return not ("SlotAcquisition" in message and "PrefectHTTPStatusError" in message)
 
 
-logging.getLogger("prefect._internal.concurrency").addFilter(_QuietWaitTimeouts())
+logging.getLogger("prefect._internal.concurrency").addFilter(_QuietRefusals())
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether an acquisition failed because the slots are taken (HTTP 423 from the server)."""
+    cause = exc.__cause__
+    return getattr(getattr(cause, "response", None), "status_code", None) == 423
 
 
 @contextmanager
-def held_slots(name: str, occupy: int, poll_s: float = WAIT_S) -> Iterator[None]:
+def held_slots(name: str, occupy: int) -> Iterator[None]:
     """Holds ``occupy`` slots of ``name`` for the body; waits, reclaiming expired leases.
 
-    ``poll_s`` bounds each try: a refused acquisition comes back with the server's Retry-After
-    (up to the limit's mean occupancy, 30 s at most), which Prefect sleeps in full; a short
-    ``poll_s`` asks again sooner, for callers that must start the moment a slot frees.
+    A refused try is made again after :data:`POLL_S`, not after the server's Retry-After (up to
+    the limit's mean occupancy, 30 s at most, which Prefect would sleep in full): a line that
+    waits is an idle machine, so it must start the moment a slot frees.
     """
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
+    reclaimed = float("-inf")
     with ExitStack() as stack:
         while True:
             try:
                 stack.enter_context(
                     concurrency(
-                        name,
-                        occupy=occupy,
-                        strict=True,
-                        timeout_seconds=poll_s,
-                        lease_duration=LEASE_S,
+                        name, occupy=occupy, strict=True, max_retries=0, lease_duration=LEASE_S
                     )  # fmt: skip
                 )
                 break
-            except TimeoutError:  # still taken: by live holders, or by leases that expired
+            except ConcurrencySlotAcquisitionError as exc:
+                if not _refused(exc):
+                    raise
+            # still taken: by live holders, or by leases that expired
+            if time.monotonic() - reclaimed >= WAIT_S:
                 reclaim_expired_leases()
+                reclaimed = time.monotonic()
+            time.sleep(POLL_S)
         yield
 
 

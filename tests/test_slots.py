@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 
 from infra.prefect_server import DISK_LEASES
-from tasks.slots import ensure_limit, held_slots, reclaim_expired_leases
+from tasks.slots import POLL_S, ensure_limit, held_slots, reclaim_expired_leases
 
 
 def _active_slots(name: str) -> int:
@@ -82,3 +83,28 @@ def test_a_dead_holders_slots_come_back_to_the_next_line():
     worker.join(timeout=120)
     assert done == [0]  # the slots were free again after the line
     assert trained == [2]  # the line held both slots while it ran
+
+
+def test_a_waiting_line_takes_a_freed_slot_within_a_poll():
+    """A refused line asks again every POLL_S, where Prefect would sleep out the server's
+    Retry-After (it grows with each refusal: 2-3 s after an 8 s wait, measured)."""
+    name = f"test-slots-{uuid.uuid4().hex[:8]}"
+
+    @flow
+    def hand_over() -> float:
+        ensure_limit(name, 1)
+        took: list[float] = []
+
+        def waiter() -> None:
+            with held_slots(name, 1):
+                took.append(time.monotonic())
+
+        with held_slots(name, 1):
+            thread = threading.Thread(target=waiter, daemon=True)
+            thread.start()
+            time.sleep(8)
+            freed = time.monotonic()
+        thread.join(timeout=60)
+        return took[0] - freed
+
+    assert 0 <= hand_over() < POLL_S + 0.5
