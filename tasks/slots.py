@@ -128,7 +128,7 @@ def held_slots(name: str, occupy: int) -> Iterator[None]:
                 stack.enter_context(
                     concurrency(
                         name, occupy=occupy, strict=True, max_retries=0, lease_duration=LEASE_S
-                    )  # fmt: skip
+                    )
                 )
                 break
             except ConcurrencySlotAcquisitionError as exc:
