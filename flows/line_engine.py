@@ -22,12 +22,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from infra.atomic import file_lock
+from tasks.slots import machine_folder
 
 
 def import_engine() -> None:
     """Imports Prefect's engine and the flow's modules, holding the machine's start lock."""
     home = os.environ.get("TAAS_HOME")
-    with file_lock(Path(home) / "line-slots" / "start") if home else nullcontext():
+    with file_lock(machine_folder(Path(home)) / "start") if home else nullcontext():
         import prefect.flow_engine  # noqa: F401  (the engine's imports: most of the start)
 
         import flows.train_line  # noqa: F401  (the flow's)

@@ -48,7 +48,7 @@ from infra import line_io
 from infra.hardware import machine_slots
 from infra.settings import get_settings
 from infra.storage import ObjectStore, open_store
-from tasks.slots import held_machine_slots, held_slots
+from tasks.slots import held_machine_slots, held_slots, machine_folder
 from tasks.training import LineResult, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def train_line_flow(job: LineJob) -> LineOutcome:
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         slots = settings.line_machine_slots or machine_slots()
         clock = time.perf_counter()
-        with held_machine_slots(settings.home / "line-slots", slots, job.nprocs):
+        with held_machine_slots(machine_folder(settings.home), slots, job.nprocs):
             timings["machine_wait_s"] = time.perf_counter() - clock
             with held_slots(pool_slots_name(job.pool), job.nprocs):
                 timings["wait_s"] = time.perf_counter() - clock

@@ -142,17 +142,22 @@ def held_slots(name: str, occupy: int) -> Iterator[None]:
         yield
 
 
+def machine_folder(home: Path) -> Path:
+    """The machine's slot locks (and the lock its line runs start under) in its TAAS_HOME."""
+    return Path(home) / "line-slots"
+
+
 @contextmanager
 def held_machine_slots(folder: Path, slots: int, occupy: int) -> Iterator[None]:
     """Holds ``occupy`` of this machine's ``slots`` process slots for the body; waits for them.
 
     The slots are ``flock``s on the files ``slot-<i>`` in ``folder``, so every process of the
-    machine that uses the same folder shares them. Why not a Prefect limit per machine: a
-    refused slot there comes back with a Retry-After of up to the limit's mean occupancy
-    (capped at 30 s by default), so a line queued behind another would start seconds after the
-    machine was free; a lock here is tried again every :data:`MACHINE_POLL_S`, and the kernel
-    releases it the moment its holder dies, with no lease to expire. A ``gate`` lock makes
-    taking several slots one step, so two waiters never hold half of what each needs.
+    machine that uses the same folder (:func:`machine_folder`) shares them. Why not a Prefect
+    limit per machine: each try there is a call to the shared server (:func:`held_slots` asks
+    every :data:`POLL_S`), and a dead holder's slots stay taken until its lease expires; a
+    lock here is tried again every :data:`MACHINE_POLL_S` without leaving the machine, and
+    the kernel releases it the moment its holder dies. A ``gate`` lock makes taking several
+    slots one step, so two waiters never hold half of what each needs.
     """
     if not 1 <= occupy <= slots:
         raise ValueError(

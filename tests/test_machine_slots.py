@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from infra.hardware import machine_slots
-from tasks.slots import held_machine_slots
+from tasks.slots import held_machine_slots, machine_folder
 from tests.line_cluster import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
 from pathlib import Path
-from tasks.slots import held_machine_slots
+from tasks.slots import held_machine_slots, machine_folder
 folder, slots, occupy, hold, out = sys.argv[1:]
 with held_machine_slots(Path(folder), int(slots), int(occupy)):
     start = time.time()
@@ -125,7 +125,7 @@ def test_a_flow_run_start_imports_while_it_holds_the_machines_start_lock(tmp_pat
 
     free_env = {k: v for k, v in os.environ.items() if k != "TAAS_HOME"}
     free_env["PYTHONPATH"] = str(REPO)
-    with file_lock(tmp_path / "line-slots" / "start"):  # another run of the machine starting
+    with file_lock(machine_folder(tmp_path) / "start"):  # another run of the machine starting
         locked = _start_imports({**free_env, "TAAS_HOME": str(tmp_path)})
         free = _start_imports(free_env)
         for child in (locked, free):
