@@ -86,10 +86,16 @@ def local_pool(
     pool: str = POOL,
     deployment: str = "train-line",
     worker_env: dict[str, str] | None = None,
+    database_url: str | None = None,
 ) -> Iterator[dict]:
     """Yields {"api", "s3", "root", "client_env", "workers": {name: {"proc", "home", "folder"}}}
     for ``deployment`` of prefect.yaml on ``pool``; ``worker_env`` overrides the workers'
-    environment (a TAAS_HOME of the caller's, say; ``{s3}`` in a value is the S3 endpoint)."""
+    environment (a TAAS_HOME of the caller's, say; ``{s3}`` in a value is the S3 endpoint).
+
+    ``database_url`` (an empty PostgreSQL database, tests/pg.py) is the server's database, as
+    on a pool of several machines: on its default SQLite, the server's writes (states, slot
+    leases, worker heartbeats) wait on one lock, and under a cycle's load some fail with
+    "database is locked" and are retried by the client, seconds later."""
     import boto3
 
     root.mkdir(parents=True, exist_ok=True)
@@ -102,9 +108,13 @@ def local_pool(
         boto3.client("s3", endpoint_url=s3_url, **s3_creds()).create_bucket(Bucket=BUCKET)
         port = free_port()
         api = f"http://127.0.0.1:{port}/api"
+        server_db = {}
+        if database_url:  # Prefect's server speaks asyncpg
+            driverless = database_url.split("://", 1)[1]
+            server_db["PREFECT_API_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://{driverless}"
         server = subprocess.Popen(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env={**base_env, "PREFECT_HOME": str(root / "server")},
+            env={**base_env, "PREFECT_HOME": str(root / "server"), **server_db},
             stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
@@ -198,6 +208,8 @@ def pool_cycle(pool: dict, base, data_dir: Path, name: str, lines: int, steps: i
 def run_train_step(api: str, inputs, plan, settings):
     """The cycle's train step (flows.cycle.train_lines) inside a flow run on the pool's server."""
     from prefect import flow
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.cycle import train_lines
@@ -207,4 +219,11 @@ def run_train_step(api: str, inputs, plan, settings):
         return train_lines(inputs, plan, settings)
 
     with temporary_settings({PREFECT_API_URL: api}):
-        return train_step()
+        try:
+            return train_step()
+        finally:
+            # The step's logs and events go to the pool's server in the background; sent now,
+            # while it is up, they are not retried against a stopped server at this process's
+            # exit (a minute of "Error logging to API" after the tests that use the pool).
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)

@@ -1,6 +1,7 @@
 """Production lines on a Prefect work pool, with the real engines on this machine.
 
-A real ``prefect server start`` on a loopback port (its own PREFECT_HOME), the ``train-line``
+A real ``prefect server start`` on a loopback port (its own PREFECT_HOME, its database on the
+session's PostgreSQL server, as a pool of several machines would have it), the ``train-line``
 deployment from prefect.yaml (``prefect deploy``), two ``prefect worker start --type process``
 workers, each in its own working folder with its own TAAS_HOME and PREFECT_HOME, and moto's S3
 server: the only thing the cycle (this process, with a third TAAS_HOME) shares with the workers.
@@ -35,9 +36,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, postgres_server):
     """Server, deployment, two workers and the S3 endpoint; every process tree killed after."""
-    with local_pool(tmp_path_factory.mktemp("pool"), limit=2) as pool:
+    from tests.pg import new_database
+
+    database = new_database(postgres_server)
+    with local_pool(tmp_path_factory.mktemp("pool"), limit=2, database_url=database) as pool:
         yield pool
 
 
