@@ -1,6 +1,7 @@
 """Orchestration overhead of production lines on a work pool, against their training time.
 
-Starts the test suite's local pool (tests/line_cluster.py: a real Prefect server, the
+Starts the test suite's local pool (tests/line_cluster.py: a real Prefect server on a
+throw-away PostgreSQL database, ``--server-db sqlite`` for Prefect's default, the
 ``train-line`` deployment, ``--workers`` process workers with their own TAAS_HOME, moto's S3 as
 the only thing shared), runs one cycle's train step of ``--lines`` short lines on the tiny base,
 then ``--long-lines`` lines of ``--long-steps`` steps to check the extrapolation (with
