@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,26 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()  # the bench's figures, not the libraries' bars and the cycle's log
     from factory.base_model import ensure_base_model
     from tests.conftest import CACHE, free_port  # CACHE: the tests' offline model cache
+    from tests.line_cluster import local_pool
     from tests.pg import new_database, start_postgres
 
     base = ensure_base_model(CACHE, "tiny", log=lambda *_: None)
     root = Path(tempfile.mkdtemp(prefix="taas-line-bench-"))
     data = prepared_data(base, root / "data")
     names = tuple(f"w{i}" for i in range(args.workers))
-    database = start_postgres(free_port()) if args.server_db == "postgres" else None
-    url = new_database(database) if database else None
-    try:
-        pool_figures(args, base, data, root, names, url)
-    finally:
-        if database:
-            database.stop()
-    return 0
-
-
-def pool_figures(args, base, data: Path, root: Path, names: tuple, database_url) -> None:
-    from tests.line_cluster import local_pool
-
-    with local_pool(root / "pool", names, limit=args.limit, database_url=database_url) as pool:
+    with ExitStack() as stack:
+        url = None
+        if args.server_db == "postgres":
+            database = start_postgres(free_port())
+            stack.callback(database.stop)
+            url = new_database(database)
+        pool = stack.enter_context(
+            local_pool(root / "pool", names, limit=args.limit, database_url=url)
+        )
         print(summary(round_of(pool, base, data, "warm-up", 1, args.steps)), flush=True)
         alone = round_of(pool, base, data, "alone", args.workers, args.steps)
         print(summary(alone), flush=True)
@@ -218,6 +215,7 @@ def pool_figures(args, base, data: Path, root: Path, names: tuple, database_url)
         args.json.write_text(json.dumps({"alone": alone, "short": short, "long": long,
                                          "ratio_60s": ratio_60, "overhead_vs_alone_s": vs_alone},
                                         indent=2))  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
