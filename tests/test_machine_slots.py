@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
 from pathlib import Path
-from tasks.slots import held_machine_slots, machine_folder
+from tasks.slots import held_machine_slots
 folder, slots, occupy, hold, out = sys.argv[1:]
 with held_machine_slots(Path(folder), int(slots), int(occupy)):
     start = time.time()
